@@ -1,0 +1,621 @@
+"""The tensor-program IR (NETSOR-T, theory §1).
+
+A program is a graph of immutable SymPy ``Basic`` nodes.  Equality is structural, so a weight used
+twice *is* one node, and questions of weight sharing and transposes are questions about the graph.
+
+Node kinds (theory §1.1-1.3):
+
+=================  =====================================================================
+``Input``          the network input xi in R^d (finite d); never a width-space vector
+``Weight``         an input A-var W : A(fan_out, fan_in), entries N(0, variance / fan_in)
+``Transpose``      W.T, for NETSOR-T programs (backprop, tied autoencoders)
+``Embedding``      U @ xi, an input G-var (theory §1.1: the input enters only this way)
+``Bias``           an input G-var b ~ N(0, variance), the same vector for every input
+``MatMul``         W @ h or W.T @ h  (a G-var)
+``Nonlin``         phi(h1, ..., hk) coordinatewise, phi a SymPy ``Lambda`` (an H-var)
+``Moment``         the scalar (1/n) sum_alpha psi(h1_alpha, ...)  (NETSOR+, theory §1.3)
+``Repeat``         a block written once, iterated for l = start..stop (depth or time)
+``Readout``        f = v^T h / sqrt(n) (+ b_out): trained, zero-mean readout
+``FixedReadout``   f = sum_alpha h_alpha / sqrt(n): a fixed all-ones readout (nonzero mean)
+=================  =====================================================================
+
+Every weight and bias carries its variance (a SymPy expression, so formulas keep ``sigma_w^2``
+symbolic until numbers are bound), its fan-in, and its parametrization (theory §1.5):
+
+* ``"ntk"``  Jacot / Neural Tangents: W = sigma/sqrt(fan_in) * omega, omega ~ N(0, 1) trained,
+* ``"tp"``   Tensor Programs / NTK4A: omega ~ N(0, sigma^2) trained, W = omega / sqrt(fan_in),
+* ``"standard"``: W ~ N(0, sigma^2 / fan_in) trained directly.
+
+The forward law is the same in all three; they differ only in the NTK (theory §1.5).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import sympy as sp
+from sympy import Basic, Lambda, Symbol, Tuple
+from sympy.core.symbol import Str
+
+__all__ = [
+    "ProgramError", "Node", "Vector", "Input", "Weight", "Transpose", "Embedding", "Bias",
+    "MatMul", "Nonlin", "Moment", "Carry", "Repeat", "Readout", "FixedReadout", "OutputBias",
+    "Program", "nonlin", "repeat", "PARAMETRIZATIONS", "WIDTH",
+]
+
+PARAMETRIZATIONS = ("ntk", "tp", "standard")
+
+#: The default width symbol of hidden layers.
+WIDTH = Symbol("n", positive=True, integer=True)
+
+
+class ProgramError(ValueError):
+    """A program that is not a valid tensor program; the message names the offending node."""
+
+
+def _expr(value, what: str) -> sp.Expr:
+    try:
+        expr = sp.sympify(value, strict=True)
+    except (sp.SympifyError, TypeError) as exc:
+        raise ProgramError(f"{what} must be a number or a SymPy expression, got {value!r}") from exc
+    if not isinstance(expr, sp.Expr):
+        raise ProgramError(f"{what} must be a scalar expression, got {value!r}")
+    if expr.is_number and expr.is_negative:
+        raise ProgramError(f"{what} must be non-negative, got {expr}")
+    return expr
+
+
+def _dim(value, what: str) -> sp.Expr:
+    expr = _expr(value, what)
+    if expr.is_number and not (expr.is_integer and expr > 0):
+        raise ProgramError(f"{what} must be a positive integer or a width symbol, got {expr}")
+    return expr
+
+
+def _str(value) -> str:
+    """Accept both a Python str and SymPy's Str, since ``func(*args)`` rebuilds nodes from args."""
+    return value.name if isinstance(value, Str) else value
+
+
+def _index(index) -> Tuple:
+    if index is None:
+        return Tuple()
+    if isinstance(index, (tuple, list, Tuple)):
+        return Tuple(*[sp.sympify(i) for i in index])
+    return Tuple(sp.sympify(index))
+
+
+def _parametrization(p: str) -> Str:
+    p = _str(p)
+    if p not in PARAMETRIZATIONS:
+        raise ProgramError(f"unknown parametrization {p!r}; expected one of {PARAMETRIZATIONS}")
+    return Str(p)
+
+
+class Node(Basic):
+    """Base class of every IR node."""
+
+    def label(self) -> str:
+        """A short human name for error messages and printing."""
+        return type(self).__name__
+
+
+class Input(Node):
+    """The network input xi in R^d.  Only an ``Embedding`` may consume it (theory §1.1)."""
+
+    def __new__(cls, name: str = "xi", dim=Symbol("d", positive=True, integer=True)):
+        return super().__new__(cls, Str(_str(name)), _dim(dim, f"dimension of input {name!r}"))
+
+    name = property(lambda self: self.args[0].name)
+    dim = property(lambda self: self.args[1])
+
+    def label(self):
+        return self.name
+
+
+class Weight(Node):
+    """An input A-var W : A(fan_out, fan_in) with entries N(0, variance / fan_in) at initialization.
+
+    ``index`` ties the weight to a loop index: inside a ``Repeat`` body, a weight indexed by the
+    loop variable is a fresh matrix in every iteration; an unindexed one is shared (tied) across
+    iterations, and across every other place it is used.
+    """
+
+    def __new__(cls, name: str, fan_out=WIDTH, fan_in=WIDTH, variance=1,
+                parametrization: str = "ntk", index=None):
+        return super().__new__(
+            cls, Str(_str(name)), _dim(fan_out, f"fan_out of weight {name!r}"),
+            _dim(fan_in, f"fan_in of weight {name!r}"), _expr(variance, f"variance of weight {name!r}"),
+            _parametrization(parametrization), _index(index))
+
+    name = property(lambda self: self.args[0].name)
+    fan_out = property(lambda self: self.args[1])
+    fan_in = property(lambda self: self.args[2])
+    variance = property(lambda self: self.args[3])
+    parametrization = property(lambda self: self.args[4].name)
+    index = property(lambda self: self.args[5])
+
+    @property
+    def T(self) -> "Transpose":
+        return Transpose(self)
+
+    def __matmul__(self, other):
+        if isinstance(other, Input):
+            return Embedding(self, other)
+        return MatMul(self, other)
+
+    def label(self):
+        return self.name if not self.index else f"{self.name}[{', '.join(map(str, self.index))}]"
+
+
+class Transpose(Node):
+    """W.T: same entries as W.  GIA treats it as an independent matrix; exact mode does not."""
+
+    def __new__(cls, weight: Weight):
+        if not isinstance(weight, Weight):
+            raise ProgramError(f"only a Weight can be transposed, got {type(weight).__name__}")
+        return super().__new__(cls, weight)
+
+    weight = property(lambda self: self.args[0])
+    fan_out = property(lambda self: self.args[0].fan_in)
+    fan_in = property(lambda self: self.args[0].fan_out)
+
+    @property
+    def variance(self):
+        """sigma^2_{W^T} = (n'/n) sigma_W^2 for W : A(n', n) (theory §1.4, variable dimensions)."""
+        w = self.weight
+        return sp.simplify(w.variance * w.fan_out / w.fan_in)
+
+    @property
+    def T(self):
+        return self.weight
+
+    def __matmul__(self, other):
+        return MatMul(self, other)
+
+    def label(self):
+        return f"{self.weight.label()}^T"
+
+
+# ----------------------------------------------------------------------------------- vectors
+class Vector(Node):
+    """A width-space vector (G-var or H-var).  Arithmetic builds coordinatewise ``Nonlin`` nodes."""
+
+    @property
+    def dim(self) -> sp.Expr:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str | None:
+        return None
+
+    def named(self, name: str) -> "Vector":
+        raise ProgramError(f"{self.label()} cannot be renamed")
+
+    def _binary(self, other, op: Callable, swap=False):
+        a, b = Symbol("a", real=True), Symbol("b", real=True)
+        if isinstance(other, Vector):
+            f = op(b, a) if swap else op(a, b)
+            return Nonlin(Lambda((a, b), f), (self, other))
+        if isinstance(other, (Node, Basic)) and not isinstance(other, sp.Expr):
+            raise ProgramError(f"cannot combine vector {self.label()} with {type(other).__name__}")
+        c = _expr_any(other)
+        return Nonlin(Lambda(a, op(c, a) if swap else op(a, c)), (self,))
+
+    def __add__(self, other):
+        return self._binary(other, lambda a, b: a + b)
+
+    def __radd__(self, other):
+        return self._binary(other, lambda a, b: a + b, swap=True)
+
+    def __sub__(self, other):
+        return self._binary(other, lambda a, b: a - b)
+
+    def __rsub__(self, other):
+        return self._binary(other, lambda a, b: a - b, swap=True)
+
+    def __mul__(self, other):
+        return self._binary(other, lambda a, b: a * b)
+
+    def __rmul__(self, other):
+        return self._binary(other, lambda a, b: a * b, swap=True)
+
+    def __truediv__(self, other):
+        if isinstance(other, Vector):
+            raise ProgramError("division by a vector is not polynomially bounded; use a Nonlin")
+        return self._binary(other, lambda a, b: a / b)
+
+    def __neg__(self):
+        a = Symbol("a", real=True)
+        return Nonlin(Lambda(a, -a), (self,))
+
+    def label(self):
+        return self.name or type(self).__name__
+
+
+def _expr_any(value) -> sp.Expr:
+    try:
+        return sp.sympify(value, strict=True)
+    except (sp.SympifyError, TypeError) as exc:
+        raise ProgramError(f"cannot use {value!r} in a vector expression") from exc
+
+
+class Embedding(Vector):
+    """U @ xi, an input G-var with Cov(Z^{U xi}, Z^{U xi'}) = sigma_U^2 xi.xi'/d (theory §2.2)."""
+
+    def __new__(cls, weight: Weight, inp: Input, name: str = ""):
+        if not isinstance(weight, Weight):
+            raise ProgramError(f"an embedding needs a Weight, got {type(weight).__name__}")
+        if not isinstance(inp, Input):
+            raise ProgramError(f"an embedding embeds an Input, got {type(inp).__name__}")
+        if sp.simplify(weight.fan_in - inp.dim) != 0:
+            raise ProgramError(
+                f"dimension mismatch in {weight.label()} @ {inp.label()}: weight fan_in "
+                f"{weight.fan_in} != input dimension {inp.dim}")
+        return super().__new__(cls, weight, inp, Str(_str(name)))
+
+    weight = property(lambda self: self.args[0])
+    input = property(lambda self: self.args[1])
+    dim = property(lambda self: self.args[0].fan_out)
+    name = property(lambda self: self.args[2].name or None)
+
+    def named(self, name):
+        return Embedding(self.weight, self.input, name)
+
+    def label(self):
+        return self.name or f"{self.weight.label()} {self.input.label()}"
+
+
+class Bias(Vector):
+    """An input G-var b with iid N(0, variance) coordinates; the same vector for every input."""
+
+    def __new__(cls, name: str, dim=WIDTH, variance=1, parametrization: str = "ntk", index=None):
+        return super().__new__(cls, Str(_str(name)), _dim(dim, f"dimension of bias {name!r}"),
+                               _expr(variance, f"variance of bias {name!r}"),
+                               _parametrization(parametrization), _index(index))
+
+    name = property(lambda self: self.args[0].name)
+    dim = property(lambda self: self.args[1])
+    variance = property(lambda self: self.args[2])
+    parametrization = property(lambda self: self.args[3].name)
+    index = property(lambda self: self.args[4])
+
+    def label(self):
+        return self.name if not self.index else f"{self.name}[{', '.join(map(str, self.index))}]"
+
+
+class MatMul(Vector):
+    """W @ h or W.T @ h: a G-var (theory §1.1, MatMul)."""
+
+    def __new__(cls, matrix, vec, name: str = ""):
+        if not isinstance(matrix, (Weight, Transpose)):
+            raise ProgramError(f"MatMul needs a Weight or its transpose, got {type(matrix).__name__}")
+        if isinstance(vec, Input):
+            if isinstance(matrix, Transpose):
+                raise ProgramError(f"{matrix.label()} cannot embed the input {vec.label()}")
+            return Embedding(matrix, vec, name)
+        if not isinstance(vec, Vector):
+            raise ProgramError(
+                f"{matrix.label()} @ {getattr(vec, 'label', lambda: repr(vec))()}: "
+                f"a matrix multiplies a width-space vector, not a {type(vec).__name__}")
+        if sp.simplify(matrix.fan_in - vec.dim) != 0:
+            raise ProgramError(
+                f"dimension mismatch in {matrix.label()} @ {vec.label()}: fan_in {matrix.fan_in} "
+                f"!= vector dimension {vec.dim}")
+        return super().__new__(cls, matrix, vec, Str(_str(name)))
+
+    matrix = property(lambda self: self.args[0])
+    vector = property(lambda self: self.args[1])
+    dim = property(lambda self: self.args[0].fan_out)
+    name = property(lambda self: self.args[2].name or None)
+
+    @property
+    def weight(self) -> Weight:
+        m = self.matrix
+        return m.weight if isinstance(m, Transpose) else m
+
+    @property
+    def transposed(self) -> bool:
+        return isinstance(self.matrix, Transpose)
+
+    def named(self, name):
+        return MatMul(self.matrix, self.vector, name)
+
+    def label(self):
+        return self.name or f"{self.matrix.label()} {self.vector.label()}"
+
+
+class Nonlin(Vector):
+    """phi(h1, ..., hk) applied coordinatewise (theory §1.1, Nonlin; sums and gates included)."""
+
+    def __new__(cls, phi, args, name: str = ""):
+        args = tuple(args)
+        if not isinstance(phi, Lambda):
+            raise ProgramError(f"Nonlin needs a SymPy Lambda, got {type(phi).__name__}")
+        if len(phi.variables) != len(args):
+            raise ProgramError(
+                f"nonlinearity {phi} takes {len(phi.variables)} arguments, given {len(args)}")
+        if not args:
+            raise ProgramError("a Nonlin needs at least one vector argument")
+        for a in args:
+            if not isinstance(a, Vector):
+                raise ProgramError(
+                    f"nonlinearity {phi.expr} applied to {getattr(a, 'label', lambda: repr(a))()}, "
+                    f"a {type(a).__name__}; coordinatewise functions take width-space vectors")
+        dims = {a.dim for a in args}
+        if len(dims) > 1:
+            raise ProgramError(
+                f"nonlinearity {phi.expr} mixes vectors of dimensions {sorted(map(str, dims))}")
+        free = phi.expr.free_symbols - set(phi.variables)
+        stray = [s for s in free if not isinstance(s, Symbol)]
+        if stray:
+            raise ProgramError(f"nonlinearity {phi.expr} has non-symbol parameters {stray}")
+        return super().__new__(cls, phi, Tuple(*args), Str(_str(name)))
+
+    phi = property(lambda self: self.args[0])
+    inputs = property(lambda self: tuple(self.args[1]))
+    dim = property(lambda self: self.args[1][0].dim)
+    name = property(lambda self: self.args[2].name or None)
+
+    def named(self, name):
+        return Nonlin(self.phi, self.inputs, name)
+
+    def label(self):
+        return self.name or f"{self.phi.expr}"
+
+
+class Moment(Node):
+    """theta = (1/n) sum_alpha psi(h1_alpha, ..., hk_alpha) -> E psi(Z^h1, ...) (NETSOR+, theory §1.3)."""
+
+    def __new__(cls, psi, args, name: str = ""):
+        args = tuple(args)
+        if not isinstance(psi, Lambda) or len(psi.variables) != len(args):
+            raise ProgramError("Moment needs a Lambda with one variable per vector argument")
+        for a in args:
+            if not isinstance(a, Vector):
+                raise ProgramError(f"Moment averages width-space vectors, got {type(a).__name__}")
+        return super().__new__(cls, psi, Tuple(*args), Str(_str(name)))
+
+    psi = property(lambda self: self.args[0])
+    inputs = property(lambda self: tuple(self.args[1]))
+    name = property(lambda self: self.args[2].name or None)
+
+
+class Carry(Vector):
+    """The state carried into a ``Repeat`` body (a placeholder; only valid inside its body)."""
+
+    def __new__(cls, name: str, dim=WIDTH):
+        return super().__new__(cls, Str(_str(name)), _dim(dim, f"dimension of carry {name!r}"))
+
+    name = property(lambda self: self.args[0].name)
+    dim = property(lambda self: self.args[1])
+
+
+class Repeat(Vector):
+    """carry_l = body(carry_{l-1}, l) for l = start..stop, carry_{start-1} = init.
+
+    The body is written once, in terms of the ``Carry`` placeholder and the loop symbol ``l``; the
+    derivation keeps it as a recursion in ``l``.  The value of the node is carry_stop.
+    """
+
+    def __new__(cls, index: Symbol, start, stop, carry: Carry, body: Vector, init: Vector,
+                name: str = ""):
+        if not isinstance(carry, Carry):
+            raise ProgramError("Repeat needs a Carry placeholder")
+        for what, v in (("body", body), ("init", init)):
+            if not isinstance(v, Vector):
+                raise ProgramError(f"the {what} of a Repeat must be a vector, got {type(v).__name__}")
+        if sp.simplify(body.dim - carry.dim) != 0 or sp.simplify(init.dim - carry.dim) != 0:
+            raise ProgramError(f"Repeat {name or carry.name!r}: body, init and carry dimensions differ")
+        if carry in init.atoms(Carry):
+            raise ProgramError(f"the init of Repeat {carry.name!r} uses its own carry")
+        start, stop = sp.sympify(start), sp.sympify(stop)
+        if start.is_number and stop.is_number and stop < start:
+            raise ProgramError(f"Repeat {name or carry.name!r}: stop {stop} < start {start}")
+        return super().__new__(cls, index, start, stop, carry, body, init, Str(_str(name)))
+
+    index = property(lambda self: self.args[0])
+    start = property(lambda self: self.args[1])
+    stop = property(lambda self: self.args[2])
+    carry = property(lambda self: self.args[3])
+    body = property(lambda self: self.args[4])
+    init = property(lambda self: self.args[5])
+    dim = property(lambda self: self.args[3].dim)
+    name = property(lambda self: self.args[6].name or None)
+
+    def iteration(self, l, state: Vector) -> Vector:
+        """The body at iteration ``l`` applied to ``state``."""
+        return self.body.xreplace({self.index: sp.sympify(l), self.carry: state})
+
+    def unrolled(self, stop=None) -> Vector:
+        """carry_stop as an ordinary (loop-free) graph; ``stop`` must be concrete."""
+        stop = self.stop if stop is None else sp.sympify(stop)
+        if not (self.start.is_Integer and stop.is_Integer):
+            raise ProgramError(f"Repeat {self.label()!r} has symbolic bounds; give integers to unroll")
+        state = self.init
+        for l in range(int(self.start), int(stop) + 1):
+            state = self.iteration(l, state)
+        return state
+
+    def named(self, name):
+        return Repeat(*self.args[:6], name)
+
+
+def nonlin(phi, *args, name: str = "") -> Nonlin:
+    """Apply a coordinatewise function.  ``phi`` is a Lambda, an expression in one free symbol, or
+    an activation name understood by :func:`symntk.activations.activation`."""
+    if not isinstance(phi, Lambda):
+        from .activations import X, activation
+        phi = Lambda(X, activation(phi))
+    return Nonlin(phi, args, name)
+
+
+def repeat(body: Callable[[Vector, Symbol], Vector], init: Vector, start, stop,
+           index: Symbol | str = "l", name: str = "h") -> Repeat:
+    """Build a ``Repeat`` from a Python function ``body(carry, l)`` written once."""
+    l = Symbol(index, integer=True, positive=True) if isinstance(index, str) else index
+    carry = Carry(name, init.dim)
+    out = body(carry, l)
+    if not isinstance(out, Vector):
+        raise ProgramError(f"the body of repeat {name!r} must return a vector, got {type(out).__name__}")
+    return Repeat(l, start, stop, carry, out, init, name)
+
+
+# ----------------------------------------------------------------------------------- outputs
+class OutputBias(Node):
+    """The scalar bias of a readout (Neural Tangents' Dense readout has one)."""
+
+    def __new__(cls, name: str = "b_out", variance=1, parametrization: str = "ntk"):
+        return super().__new__(cls, Str(_str(name)), _expr(variance, f"variance of bias {name!r}"),
+                               _parametrization(parametrization))
+
+    name = property(lambda self: self.args[0].name)
+    variance = property(lambda self: self.args[1])
+    parametrization = property(lambda self: self.args[2].name)
+
+
+class Readout(Node):
+    """f = v^T h / sqrt(n) + b_out with v an independent, zero-mean, trained weight (theory §2.3)."""
+
+    def __new__(cls, weight: Weight, vec: Vector, bias: OutputBias | None = None):
+        if not isinstance(weight, Weight):
+            raise ProgramError(f"a readout needs a Weight, got {type(weight).__name__}")
+        if not isinstance(vec, Vector):
+            raise ProgramError(f"a readout reads a width-space vector, got {type(vec).__name__}")
+        if sp.simplify(weight.fan_in - vec.dim) != 0:
+            raise ProgramError(f"dimension mismatch in readout {weight.label()}: fan_in "
+                               f"{weight.fan_in} != dimension {vec.dim} of {vec.label()}")
+        if weight.fan_out != 1:
+            raise ProgramError(f"readout {weight.label()} must have fan_out 1 (one output)")
+        return super().__new__(cls, weight, vec, bias if isinstance(bias, OutputBias) else Str(""))
+
+    weight = property(lambda self: self.args[0])
+    vector = property(lambda self: self.args[1])
+
+    @property
+    def bias(self) -> OutputBias | None:
+        b = self.args[2]
+        return b if isinstance(b, OutputBias) else None
+
+
+class FixedReadout(Node):
+    """f = sum_alpha h_alpha / sqrt(n): an untrained all-ones readout.
+
+    Its cotangent is d h = sqrt(n) df/dh = 1, a nonzero-mean readout, so the Simple GIA Check fails
+    (theory §4): the NTK derived under GIA may be wrong.
+    """
+
+    def __new__(cls, vec: Vector):
+        if not isinstance(vec, Vector):
+            raise ProgramError(f"a readout reads a width-space vector, got {type(vec).__name__}")
+        return super().__new__(cls, vec)
+
+    vector = property(lambda self: self.args[0])
+    weight = None
+    bias = None
+
+
+# ----------------------------------------------------------------------------------- program
+class Program:
+    """A validated tensor program with one scalar output.
+
+    ``Program(output)`` walks the graph, checks it (dimensions are checked as nodes are built;
+    here: the output is a readout, it depends on an input, no ``Carry`` escapes its ``Repeat``,
+    one name means one weight), and records the topological order every later stage reads.
+    """
+
+    def __init__(self, output, name: str = "program"):
+        if not isinstance(output, (Readout, FixedReadout)):
+            raise ProgramError(
+                f"the program output must be a Readout or FixedReadout, got {type(output).__name__}"
+                " (a vector must be read out to give the network's scalar output)")
+        self.output = output
+        self.name = name
+        self.nodes = tuple(_topological(output))
+        self._validate()
+
+    # -- structure -----------------------------------------------------------------------
+    @property
+    def inputs(self) -> tuple[Input, ...]:
+        return tuple(n for n in self.nodes if isinstance(n, Input))
+
+    @property
+    def weights(self) -> tuple[Weight, ...]:
+        return tuple(n for n in self.nodes if isinstance(n, Weight))
+
+    @property
+    def biases(self) -> tuple[Bias, ...]:
+        return tuple(n for n in self.nodes if isinstance(n, Bias))
+
+    @property
+    def repeats(self) -> tuple[Repeat, ...]:
+        return tuple(n for n in self.nodes if isinstance(n, Repeat))
+
+    def unrolled(self) -> "Program":
+        """The same program with every ``Repeat`` replaced by its unrolled graph."""
+        mapping = {}
+        for node in self.nodes:
+            if isinstance(node, Repeat):
+                mapping[node] = node.xreplace(mapping).unrolled()
+        return Program(self.output.xreplace(mapping), self.name) if mapping else self
+
+    def __repr__(self):
+        return f"Program({self.name!r}, {len(self.nodes)} nodes)"
+
+    def _validate(self):
+        if not self.inputs:
+            raise ProgramError("the program output does not depend on any Input")
+        seen: dict[str, Node] = {}
+        for node in self.nodes:
+            if isinstance(node, (Weight, Bias, OutputBias)):
+                key = f"{node.name}[{node.index if hasattr(node, 'index') else ''}]"
+                other = seen.setdefault(key, node)
+                if other != node:
+                    raise ProgramError(
+                        f"two different parameters are both called {node.name!r}: {other} and {node}")
+        _check_carries(self.output, frozenset())
+
+
+def _children(node: Basic) -> Iterator[Basic]:
+    if isinstance(node, Repeat):
+        # The body is a template: its nodes are reached through the Repeat, not on their own.
+        yield from (node.init,)
+        return
+    for a in node.args:
+        if isinstance(a, Node):
+            yield a
+        elif isinstance(a, Tuple):
+            yield from (x for x in a if isinstance(x, Node))
+
+
+def _topological(root: Basic) -> list[Node]:
+    order, seen = [], set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if c not in seen)
+    return order
+
+
+def _check_carries(node: Basic, allowed: frozenset):
+    for carry in node.atoms(Carry):
+        if carry not in allowed and not _carry_bound(node, carry):
+            raise ProgramError(f"Carry {carry.name!r} is used outside the body of its Repeat")
+
+
+def _carry_bound(root: Basic, carry: Carry) -> bool:
+    """True if every occurrence of ``carry`` under ``root`` is inside the body of its Repeat."""
+    if root == carry:
+        return False
+    if isinstance(root, Repeat):
+        if root.carry == carry:
+            return carry not in root.init.atoms(Carry)
+        return all(_carry_bound(a, carry) for a in (root.body, root.init)
+                   if carry in a.atoms(Carry))
+    return all(_carry_bound(a, carry) for a in root.args if isinstance(a, Basic) and carry in a.atoms(Carry))
