@@ -25,11 +25,11 @@ def _check_depth(depth):
         raise ProgramError(f"depth must be an integer >= 1 (the number of Dense->activation blocks), got {depth!r}")
 
 
-def _readout(x: Vector, weight_std, bias_std, parametrization) -> Readout:
+def _readout(x: Vector, weight_std, bias_std, parametrization, readout_bias=True) -> Readout:
     v = Weight("v", fan_out=1, fan_in=x.dim, variance=_variance(weight_std),
                parametrization=parametrization)
     b = None
-    if bias_std is not None:
+    if bias_std is not None and readout_bias:
         b = OutputBias("b_out", _variance(bias_std), parametrization)
     return Readout(v, x, b)
 
@@ -46,12 +46,13 @@ def _affine(name, z, weight_std, bias_std, parametrization, index=None, fan_in=N
 
 
 def mlp(depth: int, activation="relu", weight_std=1.0, bias_std=None, parametrization="ntk",
-        input_dim=D_IN) -> Program:
+        input_dim=D_IN, readout_bias=True) -> Program:
     """``depth`` Dense->activation blocks then a Dense(1) readout (Neural Tangents' ``stax.serial``).
 
     h^1 = W^1 xi + b^1,  x^l = phi(h^l),  h^l = W^l x^{l-1} + b^l (l = 2..depth),
     f = v^T x^depth / sqrt(n) + b_out.  ``bias_std=None`` means no bias parameters at all.
     Layers 2..depth are one ``Repeat`` over ``l``, so the derivation is a recursion in ``l``.
+    ``readout_bias=False`` drops b_out (TP2 App. E.1's network has none).
     """
     _check_depth(depth)
     xi = Input("xi", input_dim)
@@ -62,11 +63,12 @@ def mlp(depth: int, activation="relu", weight_std=1.0, bias_std=None, parametriz
             h = _affine("", carry, weight_std, bias_std, parametrization, index=l).named("h")
             return nonlin(activation, h, name="x")
         x = repeat(block, x, 2, depth, name="x")
-    return Program(_readout(x, weight_std, bias_std, parametrization), name=f"mlp{depth}")
+    return Program(_readout(x, weight_std, bias_std, parametrization, readout_bias), name=f"mlp{depth}")
 
 
 def residual_mlp(depth: int, activation="relu", weight_std=1.0, bias_std=None,
-                 branch_scale=1, parametrization="ntk", input_dim=D_IN) -> Program:
+                 branch_scale=1, parametrization="ntk", input_dim=D_IN,
+                 readout_bias=True) -> Program:
     """A residual MLP: x^1 = W^1 xi (+ b^1), x^l = x^{l-1} + a phi(W^l x^{l-1} + b^l), readout on x^depth.
 
     The skip connection makes Z^{x^l} non-Gaussian with a nonzero mean (for ReLU), so the kernel
@@ -82,11 +84,11 @@ def residual_mlp(depth: int, activation="relu", weight_std=1.0, bias_std=None,
             h = _affine("", carry, weight_std, bias_std, parametrization, index=l).named("h")
             return (carry + a * nonlin(activation, h, name="y")).named("x")
         x = repeat(block, x, 2, depth, name="x")
-    return Program(_readout(x, weight_std, bias_std, parametrization), name=f"residual_mlp{depth}")
+    return Program(_readout(x, weight_std, bias_std, parametrization, readout_bias), name=f"residual_mlp{depth}")
 
 
 def tied_mlp(depth: int, activation="relu", weight_std=1.0, bias_std=None, parametrization="ntk",
-             input_dim=D_IN) -> Program:
+             input_dim=D_IN, readout_bias=True) -> Program:
     """An MLP whose hidden layers 2..depth all reuse ONE matrix W (weight tying across depth).
 
     Biases stay per layer.  Its NNGP equals the untied MLP's (TP0 App. D.6), but its NTK sums
@@ -103,4 +105,4 @@ def tied_mlp(depth: int, activation="relu", weight_std=1.0, bias_std=None, param
             h = _affine("", carry, weight_std, bias_std, parametrization, index=l, weight=W).named("h")
             return nonlin(activation, h, name="x")
         x = repeat(block, x, 2, depth, name="x")
-    return Program(_readout(x, weight_std, bias_std, parametrization), name=f"tied_mlp{depth}")
+    return Program(_readout(x, weight_std, bias_std, parametrization, readout_bias), name=f"tied_mlp{depth}")

@@ -98,6 +98,14 @@ class Node(Basic):
         """A short human name for error messages and printing."""
         return type(self).__name__
 
+    # SymPy's printers dispatch on class names, and MatMul / Transpose would be taken for
+    # SymPy's matrix expressions: nodes print themselves.
+    def _sympystr(self, printer) -> str:
+        return f"{type(self).__name__}({self.label()})"
+
+    def _latex(self, printer) -> str:
+        return r"\mathrm{%s}" % self.label().replace("_", r"\_")
+
 
 class Input(Node):
     """The network input xi in R^d.  Only an ``Embedding`` may consume it (theory §1.1)."""

@@ -1,0 +1,591 @@
+"""``derive(program)``: the NNGP and NTK of a tensor program as a system of equations.
+
+Pipeline (theory §2-3):
+
+1. **Unroll with tags.**  Every ``Repeat`` is unrolled for a few iterations; each node instance
+   remembers (repeat, template node, iteration).
+2. **Z calculus** (:mod:`symntk.zcalculus`): forward and backward kernels are derived on demand,
+   each symbol with its defining equation.
+3. **NTK assembly**, TP2 Eq. (12) (theory §3.1): for each weight W used as y_k = W z_k,
+   ``factor_W * sum_{k,k'} D[y_k, y'_k'] C[z_k, z'_k']``; for each bias, ``factor_b * D[b, b']``; the
+   readout's ``factor_v * C[x, x']`` and its bias.  The factor is the parametrization's
+   (theory §1.5): ``sigma^2`` (ntk, Jacot/NT), ``1`` (tp), ``fan_in`` (standard).
+4. **Fold.**  Equations of consecutive iterations that agree up to a shift of the iteration index
+   become one recursion in ``l``; boundary iterations that differ are kept as they are.  When the
+   iterations do not agree (weight tying needs cross-layer kernels), the derivation stays unrolled
+   and says so (``Derivation.unrolled_repeats``).
+
+The result is plain data: ``Derivation`` knows nothing about LaTeX or Numba.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import sympy as sp
+
+from .program import (Bias, Carry, Embedding, FixedReadout, MatMul, Node, Nonlin, Program,
+                      ProgramError, Readout, Repeat, Transpose, Vector, Weight)
+from .zcalculus import Engine, SymbolInfo
+
+__all__ = ["Equation", "Loop", "Derivation", "derive", "FOLD_ITERATIONS"]
+
+#: Iterations unrolled to recognise a recursion (one peeled at each end plus two to compare).
+FOLD_ITERATIONS = 4
+
+
+# ----------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Equation:
+    """``lhs = rhs``.  ``lhs`` is a Symbol or an Indexed ``F[l + k]`` inside a loop."""
+    lhs: sp.Expr
+    rhs: sp.Expr
+
+    @property
+    def family(self) -> sp.Symbol:
+        return self.lhs.base.label if isinstance(self.lhs, sp.Indexed) else self.lhs
+
+
+@dataclass(frozen=True)
+class Loop:
+    """``for l in range(start, stop + 1)`` (or downwards if ``direction < 0``): equations in ``l``."""
+    index: sp.Symbol
+    start: sp.Expr
+    stop: sp.Expr
+    direction: int
+    equations: tuple[Equation, ...]
+
+
+@dataclass(repr=False)
+class Derivation:
+    """The derived NNGP/NTK of a program for a pair of inputs (xi, xi').
+
+    ``steps`` is the evaluation order: ``Equation``s and ``Loop``s.  ``nngp`` and ``ntk`` are
+    expressions in the step symbols (``ntk`` may contain ``Sum`` over a loop index);
+    ``ntk_terms`` splits the NTK by parameter.  ``info`` maps every symbol (or ``IndexedBase``
+    label) to a :class:`~symntk.zcalculus.SymbolInfo`; ``inputs`` maps the data symbols
+    ``xi_i . xi_j / d`` to the input copies.
+    """
+    program: Program
+    mode: str
+    steps: list
+    nngp: sp.Expr | None
+    ntk: sp.Expr
+    ntk_terms: dict
+    info: dict
+    inputs: dict
+    names: dict                       # symbol / IndexedBase label -> display name (node label)
+    unrolled_repeats: tuple = ()
+    loop_indices: tuple = ()
+    closed_forms: bool = False
+    diagonal: "Derivation | None" = None   # the same system for k(xi, xi): exact diagonals
+    _reduced: object = field(default=None, repr=False, compare=False)
+
+    def reduced(self) -> "Derivation":
+        """The same equations with the closed-form table applied to every Gaussian expectation
+        that has a closed form (theory §5); the rest stay explicit nodes for quadrature."""
+        if self.closed_forms:
+            return self
+        if self._reduced is None:
+            from .zcalculus import reduce_expectations as r
+
+            def step(s):
+                if isinstance(s, Loop):
+                    return Loop(s.index, s.start, s.stop, s.direction,
+                                tuple(Equation(e.lhs, r(e.rhs)) for e in s.equations))
+                return Equation(s.lhs, r(s.rhs))
+            self._reduced = Derivation(
+                self.program, self.mode, [step(s) for s in self.steps],
+                None if self.nngp is None else r(self.nngp), r(self.ntk),
+                {k: r(v) for k, v in self.ntk_terms.items()}, self.info, self.inputs, self.names,
+                self.unrolled_repeats, self.loop_indices, closed_forms=True,
+                diagonal=None if self.diagonal is None else self.diagonal.reduced())
+        return self._reduced
+
+    def __repr__(self) -> str:
+        return (f"<Derivation of {self.program.name!r} ({self.mode}): {len(self.equations)} "
+                f"equations, {len(self.loops)} loops, NTK terms {sorted(self.ntk_terms)}>")
+
+    @property
+    def equations(self) -> list[Equation]:
+        """All equations, loops flattened (loop bodies listed once)."""
+        out = []
+        for s in self.steps:
+            out.extend(s.equations if isinstance(s, Loop) else [s])
+        return out
+
+    @property
+    def loops(self) -> list[Loop]:
+        return [s for s in self.steps if isinstance(s, Loop)]
+
+    def parameters(self) -> set[sp.Symbol]:
+        """Free model symbols (variances, widths) that must be bound to get numbers."""
+        known = set(self.info) | set(self.inputs) | set(self.loop_indices)
+        free = set()
+        for e in self.equations:
+            free |= e.rhs.free_symbols
+        free |= self.ntk.free_symbols
+        if self.nngp is not None:
+            free |= self.nngp.free_symbols
+        return {s for s in free
+                if s not in known and not isinstance(s, (sp.Idx, sp.Indexed, sp.IndexedBase))}
+
+    # Printing and numbers live in their own modules; these are thin conveniences.
+    def latex(self, **options) -> str:
+        from .latex import derivation_latex
+        return derivation_latex(self, **options)
+
+    def _repr_latex_(self) -> str:
+        return "$\\displaystyle " + self.latex(environment="aligned") + "$"
+
+    def __str__(self) -> str:
+        from .latex import derivation_text
+        return derivation_text(self)
+
+    def gram(self, X1, X2=None, **options):
+        """NNGP and NTK Gram matrices by direct evaluation of the equations (NumPy)."""
+        from .evaluate import gram
+        return gram(self, X1, X2, **options)
+
+    def evaluate(self, x1, x2=None, **options):
+        """NNGP and NTK for one pair of inputs."""
+        from .evaluate import evaluate_pair
+        return evaluate_pair(self, x1, x2, **options)
+
+
+# ----------------------------------------------------------------------------------- unrolling
+@dataclass
+class _Unrolled:
+    program: Program
+    tags: dict                       # node instance -> (repeat, template, iteration)
+    repeats: list                    # (repeat, start, derived_stop, real_stop)
+
+
+def _unroll(program: Program, iterations: int | None) -> _Unrolled:
+    """Unroll every Repeat, at most ``iterations`` iterations each (None: all), tagging instances."""
+    tags: dict = {}
+    repeats: list = []
+    mapping: dict = {}
+    for node in program.nodes:
+        if not isinstance(node, Repeat):
+            continue
+        rep = node.xreplace(mapping)
+        if rep.atoms(Repeat) - {rep}:
+            raise ProgramError(f"nested Repeats are not supported yet ({rep.label()})")
+        start, stop = rep.start, rep.stop
+        if not start.is_Integer:
+            raise ProgramError(f"Repeat {rep.label()!r}: the start index must be an integer")
+        count = None if not stop.is_Integer else int(stop) - int(start) + 1
+        if count is None and iterations is None:
+            raise ProgramError(f"Repeat {rep.label()!r} has a symbolic stop {stop}; it cannot be "
+                               "unrolled completely")
+        n_iter = count if iterations is None else (min(count, iterations) if count else iterations)
+        state = rep.init
+        tags.setdefault(state, (node, rep.carry, int(start) - 1))
+        for k in range(int(start), int(start) + n_iter):
+            inst = rep.iteration(k, state)
+            _tag(rep.body, inst, rep, node, k, tags)
+            tags[inst] = (node, rep.carry, k)
+            state = inst
+        mapping[rep] = state
+        mapping[node] = state
+        repeats.append((node, int(start), int(start) + n_iter - 1, stop))
+    out = program.output.xreplace(mapping) if mapping else program.output
+    return _Unrolled(Program(out, program.name), tags, repeats)
+
+
+def _tag(template, inst, rep: Repeat, key: Repeat, k: int, tags: dict):
+    if template == rep.carry or not isinstance(template, Node):
+        return
+    if not ({rep.index} & template.free_symbols) and rep.carry not in template.atoms(Carry):
+        return                                   # shared across iterations
+    if isinstance(inst, Node):
+        tags.setdefault(inst, (key, template, k))
+    for t, i in zip(template.args, inst.args):
+        if isinstance(t, sp.Tuple):
+            for tt, ii in zip(t, i):
+                _tag(tt, ii, rep, key, k, tags)
+        else:
+            _tag(t, i, rep, key, k, tags)
+
+
+# ----------------------------------------------------------------------------------- derive
+_FACTOR = {
+    "ntk": lambda p: p.variance,                               # Jacot / Neural Tangents
+    "tp": lambda p: sp.Integer(1),                             # Tensor Programs / NTK4A
+    "standard": lambda p: getattr(p, "fan_in", sp.Integer(1)),  # trained directly
+}
+_BIAS_FACTOR = {
+    "ntk": lambda b: b.variance,
+    "tp": lambda b: sp.Integer(1),
+    "standard": lambda b: sp.Integer(1),
+}
+
+
+def derive(program: Program, mode: str = "gia", fold: bool = True) -> Derivation:
+    """Derive the NNGP and NTK recursions of ``program`` (theory §2-3, TP2 Eq. 12).
+
+    ``mode="gia"``: backprop matrices W^T are independent of W (theory §3.3); correct whenever the
+    Simple GIA Check holds (theory §4).  ``fold=False`` keeps every iteration of every Repeat.
+    """
+    if mode != "gia":
+        if mode == "exact":
+            raise NotImplementedError("mode='exact' (the Zhat + Zdot calculus) is not built yet")
+        raise ValueError(f"unknown mode {mode!r}; expected 'gia' or 'exact'")
+    if not isinstance(program, Program):
+        raise TypeError(f"derive needs a Program, got {type(program).__name__}")
+    pair = _derive(program, mode, fold, same_input=False)
+    pair.diagonal = _derive(program, mode, fold, same_input=True)
+    return pair
+
+
+def _derive(program: Program, mode: str, fold: bool, same_input: bool) -> Derivation:
+    attempts = [FOLD_ITERATIONS, None] if (fold and program.repeats) else [None]
+    for iterations in attempts:
+        unrolled = _unroll(program, iterations)
+        raw = _derive_unrolled(unrolled, mode, same_input)
+        if not unrolled.repeats or not fold:
+            return raw.finish(folded={})
+        folded = _fold(raw, unrolled)
+        if folded is not None:
+            return raw.finish(folded)
+        truncated = any(real != sp.Integer(stop) for _, _, stop, real in unrolled.repeats)
+        if not truncated:
+            d = raw.finish(folded={})
+            d.unrolled_repeats = tuple(r for r, *_ in unrolled.repeats)
+            return d
+    raise AssertionError("unreachable: the last attempt unrolls completely")
+
+
+@dataclass
+class _Raw:
+    program: Program
+    mode: str
+    engine: Engine
+    unrolled: _Unrolled
+    nngp: sp.Expr | None
+    ntk_terms: dict
+    names: dict = field(default_factory=dict)
+
+    def finish(self, folded: dict) -> Derivation:
+        """Build the Derivation; ``folded`` is the output of :func:`_fold` (or {} to keep as is)."""
+        eng = self.engine
+        if folded:
+            return folded["derivation"]
+        steps = [Equation(s, r) for s, r in eng.equations]
+        ntk = sp.Add(*self.ntk_terms.values())
+        return Derivation(self.program, self.mode, steps, self.nngp, ntk, dict(self.ntk_terms),
+                          dict(eng.info), {s: eng.info[s] for s in eng.input_kernels.values()},
+                          self.names)
+
+
+def _derive_unrolled(unrolled: _Unrolled, mode: str, same_input: bool = False) -> _Raw:
+    prog = unrolled.program
+    labels = _labels(prog, unrolled.tags)
+    eng = Engine(prog, lambda n: labels[n][0] + (str(labels[n][1]) if labels[n][1] is not None else ""),
+                 same_input=same_input)
+    out = prog.output
+    x = out.vector
+    terms: dict[str, sp.Expr] = {}
+    nngp = None
+    if isinstance(out, Readout):
+        c_out = eng.expect(eng.z(x, 0) * eng.z(x, 1))
+        v = out.weight
+        nngp = v.variance * c_out
+        terms[_param_name(v, unrolled)] = _FACTOR[v.parametrization](v) * c_out
+        if out.bias is not None:
+            nngp += out.bias.variance
+            terms[out.bias.name] = _BIAS_FACTOR[out.bias.parametrization](out.bias)
+    # Weights: TP2 Eq. (12), every pair of uses.
+    uses: dict[Weight, list[Node]] = {}
+    for n in prog.nodes:
+        if isinstance(n, (MatMul, Embedding)):
+            uses.setdefault(n.weight, []).append(n)
+    for w, ws in uses.items():
+        total = sp.Integer(0)
+        for u in ws:
+            for u2 in ws:
+                total += _use_pair(eng, u, u2)
+        name = _param_name(w, unrolled)
+        terms[name] = terms.get(name, 0) + _FACTOR[w.parametrization](w) * total
+    for b in prog.biases:
+        d = eng.expect(eng.dz(b, 0) * eng.dz(b, 1))
+        name = _param_name(b, unrolled)
+        terms[name] = terms.get(name, 0) + _BIAS_FACTOR[b.parametrization](b) * d
+    raw = _Raw(prog, mode, eng, unrolled, nngp, terms)
+    raw.names = {s: _display(eng, s, labels) for s in eng.info}
+    return raw
+
+
+def _use_pair(eng: Engine, u: Node, u2: Node) -> sp.Expr:
+    """lim <grad_W f(xi) through use u, grad_W f(xi') through use u2> / factor (theory §3.1)."""
+    if isinstance(u, Embedding) and isinstance(u2, Embedding):
+        if u.input != u2.input:
+            raise NotImplementedError("an embedding matrix shared by two different inputs")
+        d = eng.expect(eng.dz(u, 0) * eng.dz(u2, 1))
+        return d * eng.input_kernel(u.input, 0, 1)
+    if isinstance(u, Embedding) or isinstance(u2, Embedding):
+        raise NotImplementedError(f"weight {u.weight.label()} both embeds the input and multiplies "
+                                  "a hidden vector")
+    t1, t2 = u.transposed, u2.transposed
+    if t1 == t2:
+        ratio = sp.Integer(1) if not t1 else u.weight.fan_out / u.weight.fan_in
+        d = eng.expect(eng.dz(u, 0) * eng.dz(u2, 1))
+        if d == 0:
+            return sp.Integer(0)
+        return ratio * d * eng.expect(eng.z(u.vector, 0) * eng.z(u2.vector, 1))
+    # y = W z and y' = W^T z': <g z^T, z' g'^T> = (g . z')(z . g')
+    w = u.weight
+    ratio = sp.sqrt(w.fan_out / w.fan_in) if not t1 else sp.sqrt(w.fan_in / w.fan_out)
+    a = eng.expect(eng.dz(u, 0) * eng.z(u2.vector, 1))
+    if a == 0:
+        return sp.Integer(0)
+    return ratio * a * eng.expect(eng.z(u.vector, 0) * eng.dz(u2, 1))
+
+
+def _param_name(p, unrolled: _Unrolled) -> str:
+    tag = unrolled.tags.get(p)
+    return p.label() if tag is None else f"{tag[1].label()}@{tag[2]}"
+
+
+def _labels(prog: Program, tags: dict) -> dict:
+    """node -> (display stem, iteration or None)."""
+    out, auto = {}, 0
+    for n in prog.nodes:
+        tag = tags.get(n)
+        if tag is not None:
+            stem = _stem(tag[1])
+            if stem is None:
+                auto += 1
+                stem = f"z{auto}"
+            out[n] = (stem, tag[2])
+            continue
+        stem = _stem(n)
+        if stem is None:
+            auto += 1
+            stem = f"z{auto}"
+        out[n] = (stem, None)
+    return out
+
+
+def _stem(node) -> str | None:
+    if isinstance(node, (Weight, Bias)):
+        return node.name
+    if isinstance(node, Carry):
+        return node.name
+    name = getattr(node, "name", None)
+    if name:
+        return name
+    if isinstance(node, Embedding):
+        return f"{node.weight.name}{node.input.name}"
+    if isinstance(node, MatMul):
+        return None
+    return None
+
+
+def _display(eng: Engine, sym, labels) -> tuple:
+    info = eng.info[sym]
+    return tuple(labels[n] if n in labels else (getattr(n, "name", str(n)), None) for n in info.nodes)
+
+
+# ----------------------------------------------------------------------------------- folding
+def _fold(raw: _Raw, unrolled: _Unrolled):
+    """Turn per-iteration equations into recursions in ``l``; None if the iterations differ."""
+    eng = raw.engine
+    tags = unrolled.tags
+    if len(unrolled.repeats) != 1:
+        return None                         # one loop per program for now; others stay unrolled
+    rep, start, dstop, real_stop = unrolled.repeats[0]
+    l = sp.Symbol("l", integer=True)
+
+    def iteration_of(sym):
+        """(family key, iteration) of a kernel symbol; iteration None if outside the loop."""
+        info = eng.info[sym]
+        its, fam = set(), []
+        for n, c in zip(info.nodes, info.copies):
+            tag = tags.get(n)
+            if tag is not None and tag[0] == rep:
+                its.add(tag[2])
+                fam.append((tag[1], c))
+            else:
+                fam.append((n, c))
+        if len(its) > 1:
+            return "cross", None
+        return (info.kind, tuple(fam)), (its.pop() if its else None)
+
+    meta = {}
+    for sym, _ in eng.equations:
+        fam, it = iteration_of(sym)
+        if fam == "cross":
+            return None                    # cross-iteration kernels: keep the unrolled form
+        meta[sym] = (fam, it)
+
+    families: dict = {}
+
+    def fam_id(fam):
+        return families.setdefault(fam, len(families))
+
+    def normalise(expr, k):
+        """Replace every kernel symbol by a placeholder naming (family, offset from k)."""
+        rep_map = {}
+        for s in expr.free_symbols:
+            if s in meta and meta[s][1] is not None:
+                rep_map[s] = sp.Symbol(f"F{fam_id(meta[s][0])}_{meta[s][1] - k}")
+        return expr.xreplace(rep_map)
+
+    by_iter: dict[int, list] = {}
+    for sym, rhs in eng.equations:
+        fam, it = meta[sym]
+        if it is not None and it >= start:
+            by_iter.setdefault(it, []).append((sym, rhs))
+
+    def signature(k, kinds):
+        return frozenset((fam_id(meta[s][0]), normalise(r, k)) for s, r in by_iter.get(k, [])
+                         if (eng.info[s].kind == "D") == (kinds == "bwd"))
+
+    iters = list(range(start, dstop + 1))
+    plan = {}
+    for part in ("fwd", "bwd"):
+        sigs = {k: signature(k, part) for k in iters}
+        plan[part] = _find_range(sigs, iters, 1 if part == "fwd" else -1)
+        if plan[part] is None:
+            return None
+    ntk_plan = _fold_ntk(raw, normalise, start)
+    if ntk_plan is None:
+        return None
+
+    truncated = real_stop != sp.Integer(dstop)
+    if truncated and any(p[1] - p[0] + 1 < 3 for p in plan.values() if p[0] <= p[1]):
+        return None                            # not enough evidence to extrapolate the recursion
+
+    # ---- build the folded derivation
+    bases = {}
+
+    def base_of(fam):
+        if fam not in bases:
+            bases[fam] = sp.IndexedBase(_family_stem(fam))
+        return bases[fam]
+
+    def index_of(it, k_ref):
+        """A derived iteration as an index of the real loop: ``l + offset`` inside a loop body;
+        outside, absolute near the start and ``stop - j`` near the (possibly truncated) end."""
+        if k_ref is not None:
+            return l + (it - k_ref)
+        if truncated and (dstop - it) < (it - start):
+            return real_stop - (dstop - it)
+        return sp.Integer(it)
+
+    def rename(expr, k_ref):
+        sub = {s: base_of(meta[s][0])[index_of(meta[s][1], k_ref)]
+               for s in expr.free_symbols if s in meta and meta[s][1] is not None}
+        return expr.xreplace(sub)
+
+    def part_of(sym):
+        return "bwd" if eng.info[sym].kind == "D" else "fwd"
+
+    loop_members = {}
+    for part, (lo, hi, _) in plan.items():
+        for k in range(lo, hi + 1):
+            for s, _ in by_iter.get(k, []):
+                if part_of(s) == part:
+                    loop_members[s] = part
+    last_member = {part: max(i for i, (s, _) in enumerate(eng.equations) if loop_members.get(s) == part)
+                   for part in set(loop_members.values())}
+
+    # A loop block stands where its last member stood: every member's inputs are computed by then.
+    steps = []
+    for i, (sym, rhs) in enumerate(eng.equations):
+        part = loop_members.get(sym)
+        if part is None:
+            steps.append(Equation(rename(sym, None), rename(rhs, None)))
+        elif i == last_member[part]:
+            lo, hi, ref = plan[part]
+            body = tuple(Equation(rename(s, ref), rename(r, ref)) for s, r in by_iter[ref]
+                         if part_of(s) == part)
+            stop = real_stop - (dstop - hi) if truncated else sp.Integer(hi)
+            steps.append(Loop(l, sp.Integer(lo), stop, 1 if part == "fwd" else -1, body))
+
+    ntk_terms = {}
+    for name, term in raw.ntk_terms.items():
+        ntk_terms[name] = rename(term, None)
+    summed = {}
+    lo, hi, groups = ntk_plan
+    for base_name, k_terms in groups.items():
+        expr = rename(k_terms[hi], hi)
+        summed[base_name] = sp.Sum(expr, (l, lo, real_stop - (dstop - hi) if truncated else hi))
+        for k in range(lo, hi + 1):
+            ntk_terms.pop(k_terms["names"][k], None)
+    ntk_terms.update(summed)
+    info = {}
+    names = {}
+    for fam, base in bases.items():
+        sample = next(s for s in meta if meta[s][0] == fam)
+        info[base.label] = eng.info[sample]
+        names[base.label] = raw.names[sample]
+    for sym in eng.info:
+        if sym not in meta or meta[sym][1] is None:
+            info[sym] = eng.info[sym]
+            names[sym] = raw.names.get(sym)
+    nngp = rename(raw.nngp, None) if raw.nngp is not None else None
+    deriv = Derivation(raw.program, raw.mode, steps, nngp, sp.Add(*ntk_terms.values()), ntk_terms,
+                       info, {s: eng.info[s] for s in eng.input_kernels.values()}, names,
+                       loop_indices=(l,))
+    return {"derivation": deriv}
+
+
+def _find_range(sigs: dict, iters: list, direction: int):
+    """The longest run of iterations whose normalised equations agree: (lo, hi), loop body at hi.
+
+    The iteration executed last (the top one going forward, the bottom one going backward) may
+    need only a subset of the generic step: computing the rest there is harmless, since every
+    input of the generic step exists by then.
+    """
+    if not any(sigs[k] for k in iters):
+        return (iters[0], iters[0] - 1, None)        # nothing of this kind in the loop
+    best = None
+    for ref in iters:
+        body = sigs[ref]
+        if not body:
+            continue
+        lo = hi = ref
+        while lo - 1 in sigs and (sigs[lo - 1] == body or (direction < 0 and sigs[lo - 1] < body)):
+            lo -= 1
+            if direction < 0 and sigs[lo] != body:
+                break
+        while hi + 1 in sigs and (sigs[hi + 1] == body or (direction > 0 and sigs[hi + 1] < body)):
+            hi += 1
+            if direction > 0 and sigs[hi] != body:
+                break
+        if best is None or hi - lo > best[1] - best[0]:
+            best = (lo, hi, ref)
+    return best
+
+
+def _fold_ntk(raw: _Raw, normalise, start):
+    """Group NTK terms of indexed parameters by iteration; check they agree up to a shift."""
+    groups: dict = {}
+    for name, term in raw.ntk_terms.items():
+        if "@" not in name:
+            continue
+        stem, k = name.rsplit("@", 1)
+        k = int(k)
+        g = groups.setdefault(stem, {"names": {}})
+        g[k] = term
+        g["names"][k] = name
+    if not groups:
+        return (start, start - 1, {})
+    ks = sorted(set().union(*[set(k for k in g if k != "names") for g in groups.values()]))
+    lo, hi = ks[0], ks[-1]
+    for stem, g in groups.items():
+        ref = normalise(g[hi], hi)
+        for k in ks:
+            if k not in g or normalise(g[k], k) != ref:
+                return None
+    return (lo, hi, groups)
+
+
+def _family_stem(fam) -> str:
+    kind, members = fam
+    stems = "_".join(dict.fromkeys(_stem(node) or "z" for node, _ in members))
+    copies = "".join("x" if c is None else str(c) for _, c in members)
+    return f"{kind}_{stems}_{copies}"

@@ -1,0 +1,242 @@
+"""Direct NumPy evaluation of a :class:`~symntk.derivation.Derivation` (the reference path).
+
+Every equation is lambdified once and evaluated for all pairs of inputs at once by broadcasting:
+symbols of input copy xi have shape (N1, 1), of xi' shape (1, N2), cross-input symbols (N1, N2).
+This is the readable, slow-to-start reference; :mod:`symntk.codegen` is the fast path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+from .derivation import Derivation, Equation, Loop
+
+__all__ = ["KernelResult", "gram", "evaluate_pair", "check_inputs", "bind"]
+
+
+@dataclass(frozen=True)
+class KernelResult:
+    """NNGP and NTK Gram matrices (N1, N2); ``ntk_terms`` splits the NTK by parameter."""
+    nngp: np.ndarray | None
+    ntk: np.ndarray
+    ntk_terms: dict
+
+
+def check_inputs(X, name="X", dim=None) -> np.ndarray:
+    """Validate a data matrix: 2-D, finite, float64; a clear error otherwise."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[None, :]
+    if X.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, d), got an array of shape {X.shape}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {X.shape})")
+    if not np.all(np.isfinite(X)):
+        bad = np.argwhere(~np.isfinite(X))[0]
+        raise ValueError(f"{name} contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
+    if dim is not None and sp.sympify(dim).is_Integer and X.shape[1] != int(dim):
+        raise ValueError(f"{name} has {X.shape[1]} features but the program's input dimension is {dim}")
+    return X
+
+
+def bind(derivation: Derivation, params: dict | None) -> dict:
+    """Map every free model symbol to a number; error naming the ones left unbound."""
+    params = dict(params or {})
+    by_name = {str(k): v for k, v in params.items()}
+    out, missing = {}, []
+    for s in sorted(derivation.parameters(), key=str):
+        if s in params:
+            out[s] = params[s]
+        elif str(s) in by_name:
+            out[s] = by_name[str(s)]
+        else:
+            missing.append(str(s))
+    if missing:
+        raise ValueError(f"unbound symbols {missing}: pass them in params=")
+    return out
+
+
+_NUMPY = {
+    # The recursions are exact in real arithmetic; rounding can push a correlation a hair past
+    # +-1 or a variance a hair below 0, where acos/asin/sqrt would return NaN.
+    "acos": lambda x: np.arccos(np.clip(x, -1.0, 1.0)),
+    "asin": lambda x: np.arcsin(np.clip(x, -1.0, 1.0)),
+    "sqrt": lambda x: np.sqrt(np.maximum(x, 0.0)),
+    "Heaviside": lambda x, h0=0.5: np.heaviside(x, h0),
+}
+
+
+def _lambdify(args, expr):
+    return sp.lambdify(args, expr, modules=[_NUMPY, "numpy"])
+
+
+def _expectation_nodes(expr):
+    try:
+        from .gaussian import GaussianExpectation
+    except ImportError:                      # pragma: no cover - gaussian.py is part of the package
+        return []
+    return sorted(expr.atoms(GaussianExpectation), key=sp.default_sort_key)
+
+
+def _quadrature(node, values, consts, idx):
+    """Numeric value of an unevaluated Gaussian expectation, for every input pair at once."""
+    from .quadrature import gaussian_expectation, lambdify_integrand
+    integrand, variables, cov = node.args[0], tuple(node.args[1]), node.args[2]
+    k = len(variables)
+    entries = [[_value(cov[i, j], values, consts, idx) for j in range(k)] for i in range(k)]
+    shape = np.broadcast_shapes(*[np.shape(e) for row in entries for e in row])
+    S = np.empty(shape + (k, k))
+    for i in range(k):
+        for j in range(k):
+            S[..., i, j] = np.broadcast_to(entries[i][j], shape)
+    free = integrand.free_symbols - set(variables)
+    params = {s: consts[s] for s in free if s in consts}
+    f = lambdify_integrand(integrand.subs(params), variables)
+    return gaussian_expectation(f, S)
+
+
+def gram(derivation: Derivation, X1, X2=None, params: dict | None = None,
+         diagonal: bool = False) -> KernelResult:
+    """NNGP and NTK Gram matrices K[i, j] = k(X1[i], X2[j]).
+
+    ``X2=None`` means X2 = X1; the diagonal k(x, x) then comes from the derivation's diagonal
+    system (both copies one input), which is exact where the pair formulas lose digits to
+    cancellation at correlation 1.  ``diagonal=True`` returns only k(x, x), shape (N1,).
+    """
+    if diagonal or X2 is None:
+        diag = _diagonal(derivation, X1, params)
+        if diagonal:
+            return diag
+    if X2 is None:
+        full = _gram(derivation, X1, X1, params)
+        idx = np.diag_indices(full.ntk.shape[0])
+        for K, k in [(full.ntk, diag.ntk), (full.nngp, diag.nngp)] + \
+                [(full.ntk_terms[n], diag.ntk_terms[n]) for n in full.ntk_terms]:
+            if K is not None:
+                K[idx] = k
+        return full
+    return _gram(derivation, X1, X2, params)
+
+
+def _diagonal(derivation: Derivation, X, params) -> KernelResult:
+    if derivation.diagonal is None:
+        raise ValueError("this derivation has no diagonal system")
+    r = _gram(derivation.diagonal, X, X[:1] if np.ndim(X) == 2 else X, params, rows_only=True)
+    return KernelResult(None if r.nngp is None else r.nngp[:, 0], r.ntk[:, 0],
+                        {k: v[:, 0] for k, v in r.ntk_terms.items()})
+
+
+def _gram(derivation: Derivation, X1, X2, params, rows_only: bool = False) -> KernelResult:
+    derivation = derivation.reduced()
+    inputs = derivation.program.inputs
+    if len(inputs) != 1:
+        raise NotImplementedError("programs with several Input nodes need a dict of inputs")
+    d = inputs[0].dim
+    X1 = check_inputs(X1, "X1", d)
+    X2 = X1 if X2 is None else check_inputs(X2, "X2", d)
+    if X2.shape[1] != X1.shape[1]:
+        raise ValueError(f"X1 has {X1.shape[1]} features but X2 has {X2.shape[1]}")
+    dim = X1.shape[1]
+    values: dict = {}
+    for sym, info in derivation.inputs.items():
+        i, j = info.copies
+        A = X1 if i == 0 else X2
+        B = X1 if j == 0 else X2
+        if i == j == 0:
+            values[sym] = (np.einsum("ij,ij->i", A, A) / dim)[:, None]
+        elif i == j == 1:
+            values[sym] = (np.einsum("ij,ij->i", B, B) / dim)[None, :]
+        else:
+            values[sym] = A @ B.T / dim
+    consts = bind(derivation, params)
+    consts.update({s: dim for s in _dim_symbols(derivation) if s not in consts})
+    _run(derivation, values, consts)
+    shape = (X1.shape[0], 1 if rows_only else X2.shape[0])
+    terms = {k: np.broadcast_to(_value(v, values, consts), shape).copy()
+             for k, v in derivation.ntk_terms.items()}
+    ntk = np.broadcast_to(_value(derivation.ntk, values, consts), shape).copy()
+    nngp = None if derivation.nngp is None else \
+        np.broadcast_to(_value(derivation.nngp, values, consts), shape).copy()
+    return KernelResult(nngp, ntk, terms)
+
+
+def evaluate_pair(derivation: Derivation, x1, x2=None, params: dict | None = None):
+    """(nngp, ntk) for one pair of inputs."""
+    x1 = np.atleast_2d(np.asarray(x1, dtype=float))
+    x2 = x1 if x2 is None else np.atleast_2d(np.asarray(x2, dtype=float))
+    r = gram(derivation, x1, x2, params)
+    return (None if r.nngp is None else float(r.nngp[0, 0])), float(r.ntk[0, 0])
+
+
+def _dim_symbols(derivation):
+    """The input dimension symbol ``d`` is known from the data."""
+    return {inp.dim for inp in derivation.program.inputs if isinstance(inp.dim, sp.Symbol)}
+
+
+def _run(derivation: Derivation, values: dict, consts: dict):
+    for step in derivation.steps:
+        if isinstance(step, Loop):
+            start = int(sp.sympify(step.start).subs(consts))
+            stop = int(sp.sympify(step.stop).subs(consts))
+            ls = range(start, stop + 1) if step.direction > 0 else range(stop, start - 1, -1)
+            for lv in ls:
+                for eq in step.equations:
+                    _assign(eq, values, consts, {step.index: lv})
+        else:
+            _assign(step, values, consts, {})
+
+
+def _key(lhs, consts, idx):
+    if isinstance(lhs, sp.Indexed):
+        return (lhs.base.label, int(lhs.indices[0].subs(idx).subs(consts)))
+    return lhs
+
+
+def _assign(eq: Equation, values, consts, idx):
+    values[_key(eq.lhs, consts, idx)] = _value(eq.rhs, values, consts, idx)
+
+
+def _value(expr, values, consts, idx=None):
+    idx = idx or {}
+    expr = sp.sympify(expr)
+    if isinstance(expr, sp.Add) and any(isinstance(a, sp.Sum) for a in expr.args):
+        return sum((_value(a, values, consts, idx) for a in expr.args), start=0.0)
+    if isinstance(expr, sp.Sum):
+        (l, lo, hi), = expr.limits
+        lo, hi = int(sp.sympify(lo).subs(consts)), int(sp.sympify(hi).subs(consts))
+        return sum((_value(expr.function, values, consts, {**idx, l: v})
+                    for v in range(lo, hi + 1)), start=0.0)
+    args, vals = [], []
+    sub = {}
+    for node in _expectation_nodes(expr):
+        dummy = sp.Dummy()
+        sub[node] = dummy
+        args.append(dummy)
+        vals.append(_quadrature(node, values, consts, idx))
+    expr = expr.xreplace(sub)
+    for ind in expr.atoms(sp.Indexed):
+        key = _key(ind, consts, idx)
+        if key not in values:
+            raise KeyError(f"{ind} (index {key[1]}) is used before it is computed")
+        dummy = sp.Dummy()
+        sub[ind] = dummy
+        args.append(dummy)
+        vals.append(values[key])
+    expr = expr.xreplace(sub)
+    for s in expr.free_symbols:
+        if s in sub.values():
+            continue
+        if s in values:
+            args.append(s)
+            vals.append(values[s])
+        elif s in consts:
+            args.append(s)
+            vals.append(consts[s])
+        elif s in idx:
+            args.append(s)
+            vals.append(idx[s])
+        else:
+            raise KeyError(f"symbol {s} has no value")
+    return np.asarray(_lambdify(args, expr)(*vals), dtype=np.float64)

@@ -1,0 +1,439 @@
+"""The Z calculus: limits of a tensor program as expectations over Gaussians (theory §2-3).
+
+Every vector x of a (loop-free) program and every input copy i (xi or xi') has a random variable
+Z^x_i that its coordinates look like at infinite width (TP1 Thm 5.4, TP2 Box 1).  This module turns
+those random variables into SymPy *atoms* and reduces expectations of products of atoms to kernel
+symbols defined by equations, which is the whole derivation.
+
+Atoms
+-----
+* ``base``: a Gaussian of the program's Setup or a MatMul output: ``Embedding`` (U xi), ``Bias``,
+  the readout weight v, ``MatMul`` (W h) and, in the backward pass, W^T dh.  Base Gaussians of one
+  *block* are jointly Gaussian; different blocks are independent (theory §2.1, rule 2).  A block is
+  a matrix; under GIA a matrix and its transpose are different blocks (theory §3.3).
+* ``lincomb``: a ``Nonlin`` that is a linear combination of Gaussians (e.g. h = W x + b) is itself
+  Gaussian (TP1's LinComb); its second moment gets a symbol of its own (the preactivation kernel
+  Sigma).
+* ``opaque``: any other vector (phi(h), a residual sum, a cotangent).  Opaque atoms are expanded
+  into their definitions only when an expectation cannot be factorised without it.
+
+Expectations (``Engine.expect``)
+--------------------------------
+Linearity first; then each product is split into groups of factors that share a block (groups
+are independent, so the expectation factorises).  A group that is a lone opaque atom is a mean
+symbol ``mu``, a pair of opaque atoms a kernel symbol ``C`` (forward) or ``D`` (backward), a group
+of Gaussian functions a Gaussian expectation reduced by :mod:`symntk.gaussian`'s closed-form table,
+and anything else is expanded one level and reduced again.  Every symbol is created on demand with
+its defining equation, so the equations come out in evaluation order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import sympy as sp
+
+from .program import (Bias, Embedding, FixedReadout, Input, MatMul, Moment, Node, Nonlin,
+                      Program, Readout, Transpose, Vector, Weight)
+
+__all__ = ["Atom", "KernelKey", "SymbolInfo", "Engine"]
+
+#: Input copies: 0 is xi, 1 is xi'.  Kernels are derived for the pair.
+COPIES = (0, 1)
+
+
+@dataclass(frozen=True)
+class Atom:
+    """Z of one vector (forward) or its cotangent (backward) for one input copy."""
+    kind: str                 # "base" | "lincomb" | "opaque"
+    node: Node                # the program node (for cotangents: the node whose gradient it is)
+    copy: int | None          # None: the same vector for every input (biases, readout weight)
+    backward: bool = False    # True for cotangents d x = sqrt(n) df/dx and W^T dh base Gaussians
+    block: object = None      # base atoms: the independence block (a Weight, Transpose, Bias, ...)
+    arg: object = None        # base MatMul atoms: the atom multiplied by the matrix
+    order: int = 0            # expansion order: later atoms are expanded first
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    """E[Z^a Z^b] (kind "C" forward, "D" backward) or E[Z^a] (kind "mu"), for atoms a, b."""
+    kind: str
+    atoms: tuple
+
+
+@dataclass
+class SymbolInfo:
+    """What a derived symbol means; printers and code generators read this, not the name."""
+    kind: str                     # "C" | "D" | "mu" | "input" | "ntk" | "nngp"
+    nodes: tuple                  # program nodes (one or two)
+    copies: tuple                 # input copies, e.g. (0, 1) for a cross-input kernel
+    gaussian: bool = False        # a covariance of Gaussians (printed as Sigma)
+    extra: dict = field(default_factory=dict)
+
+
+def _real_symbol(name: str) -> sp.Symbol:
+    return sp.Symbol(name, real=True)
+
+
+class Engine:
+    """Derive kernel symbols of a loop-free program under GIA.
+
+    ``label(node)`` gives the display name used in symbol names; ``on_equation(sym, rhs)`` is called
+    once per new symbol, in evaluation order.
+    """
+
+    def __init__(self, program: Program, label: Callable[[Node], str], same_input: bool = False):
+        if program.repeats:
+            raise ValueError("the Z-calculus engine needs a loop-free program (unroll Repeats first)")
+        self.program = program
+        self.label = label
+        # k(xi, xi): both copies are one input, so Z^x_1 is Z^x_0 and cross kernels become second
+        # moments of one variable (exact diagonals, no sqrt(q q - K^2) cancellation).
+        self.same_input = same_input
+        self.nodes = program.nodes
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+        self.consumers = self._consumers()
+        self.atoms: dict[sp.Symbol, Atom] = {}
+        self._atom_of: dict[tuple, sp.Symbol] = {}
+        self.definitions: dict[sp.Symbol, sp.Expr] = {}
+        self.symbols: dict[KernelKey, sp.Symbol] = {}
+        self.info: dict[sp.Symbol, SymbolInfo] = {}
+        self.equations: list[tuple[sp.Symbol, sp.Expr]] = []
+        self._deps: dict[sp.Symbol, frozenset] = {}
+        self.input_kernels: dict[tuple, sp.Symbol] = {}
+        self._names: set[str] = set()
+
+    # ------------------------------------------------------------------ graph bookkeeping
+    def _consumers(self) -> dict[Node, list[Node]]:
+        consumers: dict[Node, list[Node]] = {n: [] for n in self.nodes}
+        for n in self.nodes:
+            if isinstance(n, Nonlin):
+                for a in dict.fromkeys(n.inputs):
+                    consumers[a].append(n)
+            elif isinstance(n, (MatMul, Readout, FixedReadout)):
+                consumers[n.vector].append(n)
+            elif isinstance(n, Moment):
+                for a in dict.fromkeys(n.inputs):
+                    consumers[a].append(n)
+        return consumers
+
+    def _fresh_name(self, stem: str) -> str:
+        stem = "".join(ch if ch.isalnum() else "_" for ch in stem).strip("_") or "z"
+        name, k = stem, 1
+        while name in self._names:
+            k += 1
+            name = f"{stem}_{k}"
+        self._names.add(name)
+        return name
+
+    # ------------------------------------------------------------------ atoms
+    def z(self, node: Node, copy: int) -> sp.Expr:
+        """Z^node for input copy ``copy`` as an expression in atoms (forward pass)."""
+        copy = 0 if self.same_input else copy
+        key = ("fwd", node, copy)
+        if key in self._atom_of:
+            return self._atom_of[key]
+        order = self.position[node]
+        if isinstance(node, Embedding):
+            sym = self._new_atom(Atom("base", node, copy, block=node.weight, order=order),
+                                 f"Z_{self.label(node)}_{copy}")
+        elif isinstance(node, Bias):
+            key = ("fwd", node, None)
+            if key in self._atom_of:
+                return self._atom_of[key]
+            sym = self._new_atom(Atom("base", node, None, block=node, order=order),
+                                 f"Z_{self.label(node)}")
+        elif isinstance(node, MatMul):
+            arg = self.z(node.vector, copy)
+            sym = self._new_atom(Atom("base", node, copy, block=node.matrix, arg=arg, order=order),
+                                 f"Z_{self.label(node)}_{copy}")
+        elif isinstance(node, Nonlin):
+            args = [self.z(a, copy) for a in node.inputs]
+            definition = node.phi(*args)
+            kind = "lincomb" if self._is_lincomb(definition) else "opaque"
+            sym = self._new_atom(Atom(kind, node, copy, order=order), f"Z_{self.label(node)}_{copy}")
+            self.definitions[sym] = definition
+        elif isinstance(node, Moment):
+            raise NotImplementedError(
+                f"Moment {node.name or node.psi} is not supported by the derivation yet")
+        else:
+            raise TypeError(f"no Z rule for {type(node).__name__}")
+        self._atom_of[key] = sym
+        return sym
+
+    def _new_atom(self, atom: Atom, name: str) -> sp.Symbol:
+        sym = _real_symbol(self._fresh_name(name))
+        self.atoms[sym] = atom
+        return sym
+
+    def _is_lincomb(self, expr: sp.Expr) -> bool:
+        """A linear form (no constant term) in Gaussian atoms is Gaussian (TP1 LinComb)."""
+        atoms = [s for s in expr.free_symbols if s in self.atoms]
+        if not atoms or any(self.atoms[s].kind == "opaque" for s in atoms):
+            return False
+        poly = sp.Poly(expr, *atoms) if expr.is_polynomial(*atoms) else None
+        return poly is not None and poly.total_degree() == 1 and poly.coeff_monomial(1) == 0
+
+    def dz(self, node: Node, copy: int) -> sp.Expr:
+        """Z^{dx} for the cotangent dx = sqrt(n) df/dx of ``node`` (backward pass, GIA).
+
+        Sums the node's uses (theory §3.2): a Nonlin consumer y = phi(..x..) gives
+        d_k phi(Z) Z^{dy}; a MatMul consumer y = W x gives the base Gaussian Z^{W^T dy}, which GIA
+        places in the block of W^T, independent of every forward block (theory §3.3); the trained
+        readout gives Z^v; the fixed readout gives 1.
+        """
+        copy = 0 if self.same_input else copy
+        key = ("bwd", node, copy)
+        if key in self._atom_of:
+            return self._atom_of[key]
+        terms = []
+        for c in self.consumers[node]:
+            if isinstance(c, Nonlin):
+                args = [self.z(a, copy) for a in c.inputs]
+                grad = 0
+                for k, a in enumerate(c.inputs):
+                    if a == node:
+                        var = c.phi.variables[k]
+                        grad += _derivative(c.phi.expr, var, c).subs(
+                            dict(zip(c.phi.variables, args)), simultaneous=True)
+                terms.append(grad * self.dz(c, copy))
+            elif isinstance(c, MatMul):
+                terms.append(self._transpose_atom(c, copy))
+            elif isinstance(c, Readout):
+                terms.append(self._readout_atom(c))
+            elif isinstance(c, FixedReadout):
+                terms.append(sp.Integer(1))
+            elif isinstance(c, Moment):
+                raise NotImplementedError("backpropagation through a Moment is not supported yet")
+        definition = sp.Add(*terms)
+        # A cotangent that is exactly one other atom is that atom: no alias symbols in the output.
+        if definition in self.atoms:
+            sym = definition
+        else:
+            order = 2 * len(self.nodes) - self.position[node]
+            sym = self._new_atom(Atom("opaque", node, copy, backward=True, order=order),
+                                 f"dZ_{self.label(node)}_{copy}")
+            self.definitions[sym] = definition
+        self._atom_of[key] = sym
+        return sym
+
+    def _transpose_atom(self, use: MatMul, copy: int) -> sp.Symbol:
+        """Z^{M^T dy} for the forward use y = M x; its block is M^T (a fresh matrix under GIA)."""
+        key = ("bwd-matmul", use, copy)
+        if key not in self._atom_of:
+            dy = self.dz(use, copy)
+            matrix = use.matrix.T
+            order = 2 * len(self.nodes) - self.position[use]
+            self._atom_of[key] = self._new_atom(
+                Atom("base", use, copy, backward=True, block=matrix, arg=dy, order=order),
+                f"Z_{self.label(use)}_T_{copy}")
+        return self._atom_of[key]
+
+    def _readout_atom(self, readout: Readout) -> sp.Symbol:
+        key = ("readout", readout.weight)
+        if key not in self._atom_of:
+            self._atom_of[key] = self._new_atom(
+                Atom("base", readout.weight, None, backward=True, block=readout.weight, order=-1),
+                f"Z_{readout.weight.name}")
+        return self._atom_of[key]
+
+    # ------------------------------------------------------------------ dependencies
+    def deps(self, sym: sp.Symbol) -> frozenset:
+        """The blocks an atom depends on; atoms with disjoint blocks are independent."""
+        if sym in self._deps:
+            return self._deps[sym]
+        atom = self.atoms[sym]
+        if atom.kind == "base":
+            out = frozenset([atom.block])
+        else:
+            out = frozenset().union(*[self.deps(s) for s in self.definitions[sym].free_symbols
+                                      if s in self.atoms])
+        self._deps[sym] = out
+        return out
+
+    def _factor_deps(self, factor: sp.Expr) -> frozenset:
+        return frozenset().union(*[self.deps(s) for s in factor.free_symbols if s in self.atoms])
+
+    # ------------------------------------------------------------------ symbols
+    def input_kernel(self, inp: Input, i: int, j: int) -> sp.Symbol:
+        """xi_i . xi_j / d: the data the recursion starts from (theory §2.2)."""
+        i, j = (0, 0) if self.same_input else sorted((i, j))
+        key = (inp, i, j)
+        if key not in self.input_kernels:
+            sym = sp.Symbol(self._fresh_name(f"k_{inp.name}_{i}{j}"), real=True)
+            self.input_kernels[key] = sym
+            self.info[sym] = SymbolInfo("input", (inp, inp), (i, j))
+        return self.input_kernels[key]
+
+    def _symbol(self, key: KernelKey, definition: Callable[[], sp.Expr]) -> sp.Symbol:
+        if key in self.symbols:
+            return self.symbols[key]
+        atoms = [self.atoms[a] for a in key.atoms]
+        stem = {"C": "C", "D": "D", "mu": "mu"}[key.kind]
+        names = "_".join(dict.fromkeys(self.label(a.node) for a in atoms))
+        copies = "".join("x" if a.copy is None else str(a.copy) for a in atoms)
+        sym = sp.Symbol(self._fresh_name(f"{stem}_{names}_{copies}"), real=True)
+        self.symbols[key] = sym
+        gaussian_ = all(a.kind in ("base", "lincomb") for a in atoms)
+        self.info[sym] = SymbolInfo(key.kind, tuple(a.node for a in atoms),
+                                    tuple(a.copy for a in atoms), gaussian=gaussian_,
+                                    extra={"backward": atoms[0].backward})
+        rhs = definition()
+        self.equations.append((sym, rhs))
+        return sym
+
+    def second_moment(self, a: sp.Symbol, b: sp.Symbol) -> sp.Symbol:
+        """The symbol for E[Z^a Z^b], defined by expanding both atoms one level."""
+        a, b = sorted((a, b), key=self._sort_key)
+        kind = "D" if self.atoms[a].backward or self.atoms[b].backward else "C"
+        return self._symbol(KernelKey(kind, (a, b)),
+                            lambda: self.expect(self._expand(a) * self._expand(b)))
+
+    def mean(self, a: sp.Symbol) -> sp.Symbol:
+        return self._symbol(KernelKey("mu", (a,)), lambda: self.expect(self._expand(a)))
+
+    def _sort_key(self, sym):
+        atom = self.atoms[sym]
+        return (atom.order, -1 if atom.copy is None else atom.copy, sym.name)
+
+    def _expand(self, sym: sp.Symbol) -> sp.Expr:
+        return self.definitions.get(sym, sym)
+
+    # ------------------------------------------------------------------ covariance of Gaussians
+    def cov(self, a: sp.Symbol, b: sp.Symbol) -> sp.Expr:
+        """Cov(Z^a, Z^b) for Gaussian atoms (theory §2.1 rule 2, §2.2, §3.3)."""
+        A, B = self.atoms[a], self.atoms[b]
+        if A.kind == "lincomb" and B.kind == "lincomb":
+            return self.second_moment(a, b)
+        if A.kind == "lincomb" or B.kind == "lincomb":
+            lin, other = (a, b) if A.kind == "lincomb" else (b, a)
+            return self._bilinear(self.definitions[lin], other)
+        if A.block != B.block:
+            return sp.Integer(0)
+        block = A.block
+        if isinstance(block, Bias):
+            return block.variance
+        if isinstance(block, Weight) and A.kind == "base" and isinstance(A.node, Embedding):
+            return block.variance * self.input_kernel(A.node.input, A.copy, B.copy)
+        if isinstance(block, Weight) and A.arg is None:      # the readout weight v
+            return block.variance
+        if isinstance(block, (Weight, Transpose)):
+            return block.variance * self.expect(A.arg * B.arg)
+        raise TypeError(f"no covariance rule for block {block}")
+
+    def _bilinear(self, expr: sp.Expr, other: sp.Symbol) -> sp.Expr:
+        expr = sp.expand(expr)
+        return sp.Add(*[coeff * self.cov(s, other)
+                        for s in expr.free_symbols if s in self.atoms
+                        for coeff in [expr.coeff(s)]])
+
+    # ------------------------------------------------------------------ expectations
+    def expect(self, expr: sp.Expr) -> sp.Expr:
+        """E[expr] for an expression in atoms, as an expression in kernel symbols."""
+        expr = sp.expand(sp.sympify(expr), deep=False, power_exp=False, power_base=False, log=False)
+        total = []
+        for term in sp.Add.make_args(expr):
+            coeff, factors = self._split(term)
+            if not factors:
+                total.append(coeff)
+            else:
+                total.append(coeff * self._expect_product(factors))
+        return sp.Add(*total)
+
+    def _split(self, term: sp.Expr):
+        coeff, factors = sp.Integer(1), []
+        for f in sp.Mul.make_args(term):
+            if f.free_symbols & self.atoms.keys():
+                factors.append(f)
+            else:
+                coeff *= f
+        return coeff, factors
+
+    def _expect_product(self, factors: list[sp.Expr]) -> sp.Expr:
+        # 1. A nonlinear function of an opaque atom needs that atom's definition.
+        for f in factors:
+            inner = self._opaque_inside_heads(f)
+            if inner:
+                sym = max(inner, key=self._sort_key)
+                product = sp.Mul(*factors).xreplace({sym: self.definitions[sym]})
+                return self.expect(product)
+        # 2. Split into independent groups (disjoint blocks), expectation factorises.
+        groups: list[tuple[frozenset, list]] = []
+        for f in factors:
+            deps, members = self._factor_deps(f), [f]
+            keep = []
+            for gdeps, gmembers in groups:
+                if gdeps & deps:
+                    deps, members = deps | gdeps, gmembers + members
+                else:
+                    keep.append((gdeps, gmembers))
+            groups = keep + [(deps, members)]
+        return sp.Mul(*[self._expect_group(members) for _, members in groups])
+
+    def _opaque_inside_heads(self, factor: sp.Expr) -> set:
+        """Opaque atoms that appear inside a non-polynomial function in ``factor``."""
+        found, stack = set(), [factor]
+        while stack:
+            sub = stack.pop()
+            polynomial = isinstance(sub, (sp.Add, sp.Mul, sp.Symbol, sp.Number)) or (
+                isinstance(sub, sp.Pow) and sub.exp.is_Integer and sub.exp >= 0)
+            if polynomial:
+                stack.extend(sub.args)
+            else:
+                found |= {s for s in sub.free_symbols
+                          if s in self.atoms and self.atoms[s].kind == "opaque"}
+        return found
+
+    def _expect_group(self, members: list[sp.Expr]) -> sp.Expr:
+        product = sp.Mul(*members)
+        syms = sorted((s for s in product.free_symbols if s in self.atoms), key=self._sort_key)
+        opaque = [s for s in syms if self.atoms[s].kind == "opaque"]
+        if not opaque:
+            return self._gaussian(product, syms)
+        powers = sp.Mul(*members).as_powers_dict()
+        simple = all(b in self.atoms and self.atoms[b].kind == "opaque" for b in powers) and \
+            sum(int(e) for e in powers.values()) <= 2 and all(e.is_Integer for e in powers.values())
+        if simple:
+            atoms_ = [b for b, e in powers.items() for _ in range(int(e))]
+            if len(atoms_) == 1:
+                return self.mean(atoms_[0])
+            return self.second_moment(*atoms_)
+        sym = max(opaque, key=self._sort_key)
+        return self.expect(product.xreplace({sym: self.definitions[sym]}))
+
+    def _gaussian(self, product: sp.Expr, syms: list[sp.Symbol]) -> sp.Expr:
+        """E over jointly Gaussian atoms: an explicit, unevaluated ``GaussianExpectation`` node.
+
+        The atoms are renamed u_1..u_k (so the same expectation in two layers is the same node);
+        :func:`reduce_expectations` later applies the closed-form table of :mod:`symntk.gaussian`.
+        """
+        if len(syms) == 1 and product == syms[0]:
+            return sp.Integer(0)
+        if len(syms) == 2 and product == syms[0] * syms[1]:
+            return self.cov(*syms)
+        if len(syms) == 1 and product == syms[0] ** 2:
+            return self.cov(syms[0], syms[0])
+        from .gaussian import GaussianExpectation
+        us = tuple(sp.Symbol(f"u_{i + 1}", real=True) for i in range(len(syms)))
+        cov = sp.ImmutableMatrix(len(syms), len(syms), lambda i, j: self.cov(syms[i], syms[j]))
+        return GaussianExpectation(product.xreplace(dict(zip(syms, us))), us, cov)
+
+
+def reduce_expectations(expr: sp.Expr) -> sp.Expr:
+    """Replace every ``GaussianExpectation`` by its closed form where the table has one."""
+    from .gaussian import GaussianExpectation, expect
+    nodes = expr.atoms(GaussianExpectation)
+    if not nodes:
+        return expr
+    return expr.xreplace({n: expect(n.args[0], tuple(n.args[1]), n.args[2]) for n in nodes})
+
+
+def _derivative(expr: sp.Expr, var: sp.Symbol, node: Nonlin) -> sp.Expr:
+    """d phi / d var, rejecting non-differentiable nonlinearities with a clear error."""
+    d = sp.diff(expr, var)
+    bad = d.atoms(sp.DiracDelta, sp.Derivative, sp.Subs)
+    if bad:
+        raise ValueError(
+            f"the nonlinearity {expr} (node {node.label()!r}) is not differentiable in the sense "
+            f"the NTK needs: its derivative contains {sorted(map(str, bad))}")
+    return d
