@@ -191,7 +191,7 @@ def _unroll(program: Program, iterations: int | None) -> _Unrolled:
         mapping[node] = state
         repeats.append((node, int(start), int(start) + n_iter - 1, stop))
     out = program.output.xreplace(mapping) if mapping else program.output
-    return _Unrolled(Program(out, program.name), tags, repeats)
+    return _Unrolled(Program(out, program.name, program.require_input), tags, repeats)
 
 
 def _tag(template, inst, rep: Repeat, key: Repeat, k: int, tags: dict):
@@ -226,11 +226,11 @@ def derive(program: Program, mode: str = "gia", fold: bool = True) -> Derivation
     """Derive the NNGP and NTK recursions of ``program`` (theory §2-3, TP2 Eq. 12).
 
     ``mode="gia"``: backprop matrices W^T are independent of W (theory §3.3); correct whenever the
-    Simple GIA Check holds (theory §4).  ``fold=False`` keeps every iteration of every Repeat.
+    Simple GIA Check holds (theory §4).  ``mode="exact"``: the full NETSOR-T Master Theorem, every
+    MatMul output Zhat + Zdot (TP3 Box 1, theory §3.4); identical to GIA on BP-like programs.
+    ``fold=False`` keeps every iteration of every Repeat.
     """
-    if mode != "gia":
-        if mode == "exact":
-            raise NotImplementedError("mode='exact' (the Zhat + Zdot calculus) is not built yet")
+    if mode not in ("gia", "exact"):
         raise ValueError(f"unknown mode {mode!r}; expected 'gia' or 'exact'")
     if not isinstance(program, Program):
         raise TypeError(f"derive needs a Program, got {type(program).__name__}")
@@ -283,12 +283,14 @@ def _derive_unrolled(unrolled: _Unrolled, mode: str, same_input: bool = False) -
     prog = unrolled.program
     labels = _labels(prog, unrolled.tags)
     eng = Engine(prog, lambda n: labels[n][0] + (str(labels[n][1]) if labels[n][1] is not None else ""),
-                 same_input=same_input)
+                 same_input=same_input, mode=mode)
     out = prog.output
     x = out.vector
     terms: dict[str, sp.Expr] = {}
     nngp = None
-    if isinstance(out, Readout):
+    if isinstance(out, Readout) and not out.trained and out.bias is not None:
+        terms[out.bias.name] = _BIAS_FACTOR[out.bias.parametrization](out.bias)
+    if isinstance(out, Readout) and out.trained:
         c_out = eng.expect(eng.z(x, 0) * eng.z(x, 1))
         v = out.weight
         nngp = v.variance * c_out

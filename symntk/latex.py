@@ -40,6 +40,9 @@ def _greek(name: str) -> str:
 
 def _kernel_latex(info, nodes_display, index, notation) -> str:
     copies = info.copies
+    backward = info.extra.get("backward") and info.kind == "mu"
+    if backward:
+        nodes_display = [("d" + stem, it) for stem, it in nodes_display]
     if info.kind == "mu":
         letter = r"\mu"
     elif info.kind == "D":
@@ -48,6 +51,8 @@ def _kernel_latex(info, nodes_display, index, notation) -> str:
         letter = r"\Sigma"
     else:
         letter = "C"
+    if info.extra.get("hat"):
+        letter = rf"\hat{{{letter}}}"
     shown = []
     for (stem, it) in nodes_display:
         shown.append(_node_latex(stem, index if index is not None else it))

@@ -482,22 +482,35 @@ class OutputBias(Node):
 
 
 class Readout(Node):
-    """f = v^T h / sqrt(n) + b_out with v an independent, zero-mean, trained weight (theory §2.3)."""
+    """f = v^T h / sqrt(n) + b_out.
 
-    def __new__(cls, weight: Weight, vec: Vector, bias: OutputBias | None = None):
-        if not isinstance(weight, Weight):
-            raise ProgramError(f"a readout needs a Weight, got {type(weight).__name__}")
+    ``weight`` is either a trained ``Weight`` v (fan_out 1): the independent, zero-mean readout of
+    theory §2.3 that the Simple GIA Check asks for; or a ``Vector`` of the program itself (e.g. a
+    readout tied to the input embedding), which has no parameter of its own and breaks the check.
+    """
+
+    def __new__(cls, weight, vec: Vector, bias: OutputBias | None = None):
+        if not isinstance(weight, (Weight, Vector)):
+            raise ProgramError(f"a readout needs a Weight or a Vector, got {type(weight).__name__}")
         if not isinstance(vec, Vector):
             raise ProgramError(f"a readout reads a width-space vector, got {type(vec).__name__}")
-        if sp.simplify(weight.fan_in - vec.dim) != 0:
-            raise ProgramError(f"dimension mismatch in readout {weight.label()}: fan_in "
-                               f"{weight.fan_in} != dimension {vec.dim} of {vec.label()}")
-        if weight.fan_out != 1:
-            raise ProgramError(f"readout {weight.label()} must have fan_out 1 (one output)")
+        if isinstance(weight, Weight):
+            if sp.simplify(weight.fan_in - vec.dim) != 0:
+                raise ProgramError(f"dimension mismatch in readout {weight.label()}: fan_in "
+                                   f"{weight.fan_in} != dimension {vec.dim} of {vec.label()}")
+            if weight.fan_out != 1:
+                raise ProgramError(f"readout {weight.label()} must have fan_out 1 (one output)")
+        elif sp.simplify(weight.dim - vec.dim) != 0:
+            raise ProgramError(f"readout vector {weight.label()} and {vec.label()} differ in dimension")
         return super().__new__(cls, weight, vec, bias if isinstance(bias, OutputBias) else Str(""))
 
     weight = property(lambda self: self.args[0])
     vector = property(lambda self: self.args[1])
+
+    @property
+    def trained(self) -> bool:
+        """True for an independent trained readout weight v, False for a program vector."""
+        return isinstance(self.args[0], Weight)
 
     @property
     def bias(self) -> OutputBias | None:
@@ -531,7 +544,7 @@ class Program:
     one name means one weight), and records the topological order every later stage reads.
     """
 
-    def __init__(self, output, name: str = "program"):
+    def __init__(self, output, name: str = "program", require_input: bool = True):
         if not isinstance(output, (Readout, FixedReadout)):
             raise ProgramError(
                 f"the program output must be a Readout or FixedReadout, got {type(output).__name__}"
@@ -539,6 +552,7 @@ class Program:
         self.output = output
         self.name = name
         self.nodes = tuple(_topological(output))
+        self.require_input = require_input
         self._validate()
 
     # -- structure -----------------------------------------------------------------------
@@ -564,14 +578,15 @@ class Program:
         for node in self.nodes:
             if isinstance(node, Repeat):
                 mapping[node] = node.xreplace(mapping).unrolled()
-        return Program(self.output.xreplace(mapping), self.name) if mapping else self
+        return Program(self.output.xreplace(mapping), self.name, self.require_input) if mapping else self
 
     def __repr__(self):
         return f"Program({self.name!r}, {len(self.nodes)} nodes)"
 
     def _validate(self):
-        if not self.inputs:
-            raise ProgramError("the program output does not depend on any Input")
+        if self.require_input and not self.inputs:
+            raise ProgramError("the program output does not depend on any Input (pass "
+                               "require_input=False for a NETSOR program on Gaussian initial vectors)")
         seen: dict[str, Node] = {}
         for node in self.nodes:
             if isinstance(node, (Weight, Bias, OutputBias)):

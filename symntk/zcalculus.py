@@ -82,7 +82,8 @@ class Engine:
     once per new symbol, in evaluation order.
     """
 
-    def __init__(self, program: Program, label: Callable[[Node], str], same_input: bool = False):
+    def __init__(self, program: Program, label: Callable[[Node], str], same_input: bool = False,
+                 mode: str = "gia"):
         if program.repeats:
             raise ValueError("the Z-calculus engine needs a loop-free program (unroll Repeats first)")
         self.program = program
@@ -90,6 +91,12 @@ class Engine:
         # k(xi, xi): both copies are one input, so Z^x_1 is Z^x_0 and cross kernels become second
         # moments of one variable (exact diagonals, no sqrt(q q - K^2) cancellation).
         self.same_input = same_input
+        # GIA: Z^{Mx} is the Gaussian Zhat^{Mx}.  Exact (TP3 Box 1): Z^{Mx} = Zhat^{Mx} + Zdot^{Mx}.
+        self.exact = mode == "exact"
+        self._dbase: dict = {}
+        self._bases: dict = {}
+        self.zdot: dict[sp.Symbol, sp.Expr] = {}     # MatMul atom -> its nonzero Zdot term
+        self.hats: set[sp.Symbol] = set()             # Zhat atoms that have a Zdot partner
         self.nodes = program.nodes
         self.position = {n: i for i, n in enumerate(self.nodes)}
         self.consumers = self._consumers()
@@ -112,6 +119,8 @@ class Engine:
                     consumers[a].append(n)
             elif isinstance(n, (MatMul, Readout, FixedReadout)):
                 consumers[n.vector].append(n)
+                if isinstance(n, Readout) and not n.trained:
+                    consumers[n.weight].append(n)
             elif isinstance(n, Moment):
                 for a in dict.fromkeys(n.inputs):
                     consumers[a].append(n)
@@ -145,8 +154,9 @@ class Engine:
                                  f"Z_{self.label(node)}")
         elif isinstance(node, MatMul):
             arg = self.z(node.vector, copy)
-            sym = self._new_atom(Atom("base", node, copy, block=node.matrix, arg=arg, order=order),
-                                 f"Z_{self.label(node)}_{copy}")
+            hat = self._new_atom(Atom("base", node, copy, block=node.matrix, arg=arg, order=order),
+                                 f"Zhat_{self.label(node)}_{copy}")
+            sym = self._with_zdot(hat, f"Z_{self.label(node)}_{copy}")
         elif isinstance(node, Nonlin):
             args = [self.z(a, copy) for a in node.inputs]
             definition = node.phi(*args)
@@ -199,15 +209,22 @@ class Engine:
                 terms.append(grad * self.dz(c, copy))
             elif isinstance(c, MatMul):
                 terms.append(self._transpose_atom(c, copy))
-            elif isinstance(c, Readout):
+            elif isinstance(c, Readout) and c.trained:
                 terms.append(self._readout_atom(c))
+            elif isinstance(c, Readout):
+                # f = u.h / sqrt(n) with u a program vector: dh gets Z^u and du gets Z^h.
+                if node == c.vector:
+                    terms.append(self.z(c.weight, copy))
+                if node == c.weight:
+                    terms.append(self.z(c.vector, copy))
             elif isinstance(c, FixedReadout):
                 terms.append(sp.Integer(1))
             elif isinstance(c, Moment):
                 raise NotImplementedError("backpropagation through a Moment is not supported yet")
         definition = sp.Add(*terms)
-        # A cotangent that is exactly one other atom is that atom: no alias symbols in the output.
-        if definition in self.atoms:
+        # A cotangent that is exactly one other atom is that atom, and a constant one (a fixed
+        # readout's) is that constant: no alias symbols in the output.
+        if definition in self.atoms or not (definition.free_symbols & self.atoms.keys()):
             sym = definition
         else:
             order = 2 * len(self.nodes) - self.position[node]
@@ -224,10 +241,77 @@ class Engine:
             dy = self.dz(use, copy)
             matrix = use.matrix.T
             order = 2 * len(self.nodes) - self.position[use]
-            self._atom_of[key] = self._new_atom(
-                Atom("base", use, copy, backward=True, block=matrix, arg=dy, order=order),
-                f"Z_{self.label(use)}_T_{copy}")
+            # W^T dy is (a term of) the gradient of the vector W multiplied: name it after that.
+            hat = self._new_atom(
+                Atom("base", use.vector, copy, backward=True, block=matrix, arg=dy, order=order),
+                f"Zhat_{self.label(use.vector)}_T_{copy}")
+            self._atom_of[key] = self._with_zdot(hat, f"Z_{self.label(use)}_T_{copy}")
         return self._atom_of[key]
+
+    # ------------------------------------------------------------------ exact mode: Zdot
+    def _with_zdot(self, hat: sp.Symbol, name: str) -> sp.Symbol:
+        """Z^{Mx} = Zhat^{Mx} + Zdot^{Mx} in exact mode (TP3 Box 1, ZDot):
+
+            Zdot^{Mx} = sigma_M^2 sum_{M^T y in the program} Z^y E[dZ^x / dZhat^{M^T y}],
+
+        the derivative being syntactic in the Zhat's (TP3 Remark 2.11).  Only Zhat^{M^T y} that
+        Z^x actually reaches can contribute, and the program is straight-line, so the sum runs over
+        the block-M^T atoms in Z^x's expansion.  Where Zdot = 0 (always under GIA; in BP-like
+        programs, TP2 Thm 7.2) the atom stays the Gaussian Zhat.
+        """
+        if not self.exact:
+            return hat
+        A = self.atoms[hat]
+        transpose = A.block.T
+        variance = A.block.variance
+        terms = []
+        for b in sorted(self._base_atoms(A.arg), key=self._sort_key):
+            if self.atoms[b].block != transpose:
+                continue
+            coeff = self.expect(self._d(A.arg, b))
+            if coeff != 0:
+                terms.append(variance * coeff * self.atoms[b].arg)
+        dot = sp.Add(*terms)
+        if dot == 0:
+            return hat
+        sym = self._new_atom(Atom("opaque", A.node, A.copy, backward=A.backward, order=A.order), name)
+        self.definitions[sym] = hat + dot
+        self.zdot[sym] = dot
+        self.hats.add(hat)
+        return sym
+
+    def _base_atoms(self, expr: sp.Expr) -> frozenset:
+        """Base Gaussians reachable from ``expr`` through definitions (not through a base atom's
+        own argument: Zhat is a fresh Gaussian, its argument only sets its covariance)."""
+        out = set()
+        for s in expr.free_symbols:
+            if s not in self.atoms:
+                continue
+            if s not in self._bases:
+                self._bases[s] = frozenset([s]) if self.atoms[s].kind == "base" else \
+                    self._base_atoms(self.definitions[s])
+            out |= self._bases[s]
+        return frozenset(out)
+
+    def _d(self, expr: sp.Expr, base: sp.Symbol) -> sp.Expr:
+        """d expr / d Zhat_base by the chain rule through atom definitions."""
+        total = sp.Integer(0)
+        for s in expr.free_symbols:
+            if s in self.atoms:
+                inner = self._datom(s, base)
+                if inner != 0:
+                    total += sp.diff(expr, s) * inner
+        return total
+
+    def _datom(self, s: sp.Symbol, base: sp.Symbol) -> sp.Expr:
+        if s == base:
+            return sp.Integer(1)
+        if self.atoms[s].kind == "base":
+            return sp.Integer(0)
+        key = (s, base)
+        if key not in self._dbase:
+            self._dbase[key] = self._d(self.definitions[s], base)
+        return self._dbase[key]
 
     def _readout_atom(self, readout: Readout) -> sp.Symbol:
         key = ("readout", readout.weight)
@@ -277,7 +361,9 @@ class Engine:
         gaussian_ = all(a.kind in ("base", "lincomb") for a in atoms)
         self.info[sym] = SymbolInfo(key.kind, tuple(a.node for a in atoms),
                                     tuple(a.copy for a in atoms), gaussian=gaussian_,
-                                    extra={"backward": atoms[0].backward})
+                                    extra={"backward": any(a.backward for a in atoms),
+                                           "hat": any(s in self.hats for s in key.atoms),
+                                           "zdot": any(s in self.zdot for s in key.atoms)})
         rhs = definition()
         self.equations.append((sym, rhs))
         return sym

@@ -219,8 +219,3 @@ def test_unbound_parameter_is_named():
     with pytest.raises(ValueError, match="sigma_w"):
         d.gram(X_PAIR)
     assert np.isfinite(d.gram(X_PAIR, params={"sigma_w": 1.2}).ntk).all()
-
-
-def test_exact_mode_not_silently_gia():
-    with pytest.raises(NotImplementedError, match="exact"):
-        derive(mlp(2, "relu"), mode="exact")
