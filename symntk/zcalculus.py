@@ -416,7 +416,7 @@ class Engine:
     # ------------------------------------------------------------------ expectations
     def expect(self, expr: sp.Expr) -> sp.Expr:
         """E[expr] for an expression in atoms, as an expression in kernel symbols."""
-        expr = sp.expand(sp.sympify(expr), deep=False, power_exp=False, power_base=False, log=False)
+        expr = sp.expand(sp.sympify(expr), power_exp=False, power_base=False, log=False)
         total = []
         for term in sp.Add.make_args(expr):
             coeff, factors = self._split(term)
