@@ -491,21 +491,34 @@ def _fold(raw: _Raw, unrolled: _Unrolled):
             for s, _ in by_iter.get(k, []):
                 if part_of(s) == part:
                     loop_members[s] = part
-    last_member = {part: max(i for i, (s, _) in enumerate(eng.equations) if loop_members.get(s) == part)
-                   for part in set(loop_members.values())}
 
-    # A loop block stands where its last member stood: every member's inputs are computed by then.
-    steps = []
+    # Order: each unit (an equation, or a loop block) provides and requires concrete
+    # (family, iteration) entries of the derived iterations; sort topologically, stably.
+    def ident(sym):
+        return (meta[sym][0], meta[sym][1]) if sym in meta and meta[sym][1] is not None else sym
+
+    units: list[dict] = []
+    loops: dict[str, dict] = {}
     for i, (sym, rhs) in enumerate(eng.equations):
+        needs = {ident(x) for x in rhs.free_symbols if x in eng.info}
         part = loop_members.get(sym)
         if part is None:
-            steps.append(Equation(rename(sym, None), rename(rhs, None)))
-        elif i == last_member[part]:
+            units.append({"step": Equation(rename(sym, None), rename(rhs, None)),
+                          "provides": {ident(sym)}, "requires": needs, "pos": i})
+            continue
+        if part not in loops:
             lo, hi, ref = plan[part]
             body = tuple(Equation(rename(s, ref), rename(r, ref)) for s, r in by_iter[ref]
                          if part_of(s) == part)
             stop = real_stop - (dstop - hi) if truncated else sp.Integer(hi)
-            steps.append(Loop(l, sp.Integer(lo), stop, 1 if part == "fwd" else -1, body))
+            loops[part] = {"step": Loop(l, sp.Integer(lo), stop, 1 if part == "fwd" else -1, body),
+                           "provides": set(), "requires": set(), "pos": i}
+            units.append(loops[part])
+        loops[part]["provides"].add(ident(sym))
+        loops[part]["requires"] |= needs
+    for u in loops.values():
+        u["requires"] -= u["provides"]
+    steps = _toposort(units)
 
     ntk_terms = {}
     for name, term in raw.ntk_terms.items():
@@ -591,3 +604,29 @@ def _family_stem(fam) -> str:
     stems = "_".join(dict.fromkeys(_stem(node) or "z" for node, _ in members))
     copies = "".join("x" if c is None else str(c) for _, c in members)
     return f"{kind}_{stems}_{copies}"
+
+
+def _toposort(units: list[dict]) -> list:
+    """Steps in dependency order, keeping the engine's order where dependencies allow."""
+    provider = {}
+    for i, u in enumerate(units):
+        for key in u["provides"]:
+            provider[key] = i
+    order, state = [], {}
+
+    def visit(i):
+        if state.get(i) == 2:
+            return
+        if state.get(i) == 1:
+            raise RuntimeError("circular dependency between derived equations (fold error)")
+        state[i] = 1
+        for key in sorted(units[i]["requires"], key=str):
+            j = provider.get(key)
+            if j is not None and j != i:
+                visit(j)
+        state[i] = 2
+        order.append(units[i]["step"])
+
+    for i in sorted(range(len(units)), key=lambda i: units[i]["pos"]):
+        visit(i)
+    return order

@@ -349,9 +349,17 @@ class Engine:
             self.info[sym] = SymbolInfo("input", (inp, inp), (i, j))
         return self.input_kernels[key]
 
-    def _symbol(self, key: KernelKey, definition: Callable[[], sp.Expr]) -> sp.Symbol:
+    def _symbol(self, key: KernelKey, definition: Callable[[], sp.Expr]) -> sp.Expr:
+        """The symbol for ``key`` with its equation; a constant expectation is just the constant
+        (e.g. the zero mean of a cotangent), so no dead ``mu = 0`` equations appear."""
         if key in self.symbols:
             return self.symbols[key]
+        rhs = definition()
+        if key in self.symbols:                    # defined while computing rhs
+            return self.symbols[key]
+        if rhs.is_Number:
+            self.symbols[key] = rhs
+            return rhs
         atoms = [self.atoms[a] for a in key.atoms]
         stem = {"C": "C", "D": "D", "mu": "mu"}[key.kind]
         names = "_".join(dict.fromkeys(self.label(a.node) for a in atoms))
@@ -364,7 +372,6 @@ class Engine:
                                     extra={"backward": any(a.backward for a in atoms),
                                            "hat": any(s in self.hats for s in key.atoms),
                                            "zdot": any(s in self.zdot for s in key.atoms)})
-        rhs = definition()
         self.equations.append((sym, rhs))
         return sym
 
