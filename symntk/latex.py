@@ -109,12 +109,14 @@ def _loop_header(loop: Loop) -> str:
 
 
 def derivation_latex(d: Derivation, notation: str = "sigma", closed_forms: bool = True,
-                     environment: str = "aligned", standalone: bool = False) -> str:
+                     environment: str = "aligned", standalone: bool = False,
+                     highlight_zdot: bool = False) -> str:
     """The recursion as LaTeX.
 
     ``closed_forms``: substitute the closed-form table for Gaussian expectations (else they are
     printed as E over N(0, Sigma)).  ``environment``: ``aligned`` (inside math mode) or ``align*``.
     ``standalone=True``: a complete document that compiles with pdflatex.
+    ``highlight_zdot``: colour the equations of exact mode that carry Zdot terms (TP3 Box 1).
     """
     if notation not in NOTATIONS:
         raise ValueError(f"unknown notation {notation!r}; expected one of {NOTATIONS}")
@@ -124,8 +126,11 @@ def derivation_latex(d: Derivation, notation: str = "sigma", closed_forms: bool 
     lines = []
 
     def emit(eq: Equation, indent=""):
-        lhs, rhs = names(eq.lhs), names(eq.rhs)
-        lines.append(f"{indent}{_tex(lhs, names)} &= {_tex(rhs, names)}")
+        lhs, rhs = _tex(names(eq.lhs), names), _tex(names(eq.rhs), names)
+        info = d.info.get(eq.family)
+        if highlight_zdot and info is not None and info.extra.get("zdot"):
+            lhs, rhs = rf"{{\color{{red}}{lhs}}}", rf"{{\color{{red}}{rhs}}}"
+        lines.append(f"{indent}{lhs} &= {rhs}")
 
     forward = [s for s in d.steps if not _is_backward(d, s)]
     backward = [s for s in d.steps if _is_backward(d, s)]
@@ -166,7 +171,7 @@ def _document(body: str, d: Derivation) -> str:
     return "\n".join([
         r"\documentclass[10pt]{article}",
         r"\usepackage[margin=1.5cm,landscape]{geometry}",
-        r"\usepackage{amsmath,amssymb}",
+        r"\usepackage{amsmath,amssymb,color}",
         r"\allowdisplaybreaks",
         r"\begin{document}",
         rf"\section*{{NNGP and NTK of \texttt{{{_escape(d.program.name)}}} ({d.mode.upper()})}}",

@@ -1,0 +1,43 @@
+"""symntk: infinite-width NNGP and NTK of any tensor program, derived symbolically.
+
+Pipeline (one idea per module, data flowing one way)::
+
+    program (IR)  ->  derive (Z calculus)  ->  Derivation  ->  latex / evaluate / compile
+    program (IR)  ->  sample (finite width)  ->  empirical_ntk, monte_carlo, convergence
+
+Quick start::
+
+    import symntk
+    d = symntk.derive(symntk.mlp(depth=3, activation="relu", bias_std=0.1))
+    print(d.latex())
+    k = d.gram(X)          # k.nngp, k.ntk
+"""
+from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment, Nonlin,
+                      OutputBias, Program, ProgramError, Readout, Repeat, Transpose, Vector,
+                      Weight, WIDTH, nonlin, repeat)
+from .builders import mlp, residual_mlp, tied_mlp
+from .derivation import Derivation, Equation, Loop, derive
+from .evaluate import KernelResult, gram
+from .gia import GIACheck, gia_check
+from .limits import expectation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bias", "Carry", "Embedding", "FixedReadout", "Input", "MatMul", "Moment", "Nonlin",
+    "OutputBias", "Program", "ProgramError", "Readout", "Repeat", "Transpose", "Vector", "Weight",
+    "WIDTH", "nonlin", "repeat", "mlp", "residual_mlp", "tied_mlp", "Derivation", "Equation",
+    "Loop", "derive", "KernelResult", "gram", "kernel", "activation", "GIACheck", "gia_check",
+    "expectation",
+]
+
+
+def activation(spec):
+    """A nonlinearity as a SymPy expression in x: a name, ``"leaky_relu(0.2)"``, or a formula."""
+    from .activations import activation as _activation
+    return _activation(spec)
+
+
+def kernel(program, X1, X2=None, mode: str = "gia", params=None) -> KernelResult:
+    """One call: derive ``program`` and return its NNGP/NTK Gram matrices on the data."""
+    return derive(program, mode=mode).gram(X1, X2, params=params)
