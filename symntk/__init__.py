@@ -20,6 +20,8 @@ from .derivation import Derivation, Equation, Loop, derive
 from .evaluate import KernelResult, gram
 from .gia import GIACheck, gia_check
 from .limits import expectation
+from .compare import Comparison, compare
+from . import examples
 
 __version__ = "0.1.0"
 
@@ -28,7 +30,7 @@ __all__ = [
     "OutputBias", "Program", "ProgramError", "Readout", "Repeat", "Transpose", "Vector", "Weight",
     "WIDTH", "nonlin", "repeat", "mlp", "residual_mlp", "tied_mlp", "Derivation", "Equation",
     "Loop", "derive", "KernelResult", "gram", "kernel", "activation", "GIACheck", "gia_check",
-    "expectation",
+    "expectation", "Comparison", "compare", "examples",
 ]
 
 

@@ -459,6 +459,11 @@ def _fold(raw: _Raw, unrolled: _Unrolled):
     truncated = real_stop != sp.Integer(dstop)
     if truncated and any(p[1] - p[0] + 1 < 3 for p in plan.values() if p[0] <= p[1]):
         return None                            # not enough evidence to extrapolate the recursion
+    if not truncated:
+        # A one-iteration "loop" reads better as its concrete equations.
+        plan = {part: (p if p[1] > p[0] else (p[0], p[0] - 1, None)) for part, p in plan.items()}
+        if ntk_plan[1] <= ntk_plan[0]:
+            ntk_plan = (start, start - 1, {})
 
     # ---- build the folded derivation
     bases = {}

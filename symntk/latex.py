@@ -79,9 +79,9 @@ class _Names:
 
     def __call__(self, expr: sp.Expr) -> sp.Expr:
         sub = {}
-        for ind in expr.atoms(sp.Indexed):
+        for ind in sorted(expr.atoms(sp.Indexed), key=str):
             sub[ind] = self._dummy(ind, ind.base.label, ind.indices[0])
-        for s in expr.free_symbols:
+        for s in sorted(expr.free_symbols, key=str):
             if isinstance(s, sp.Symbol) and (s in self.d.info or s in self.d.inputs):
                 sub[s] = self._dummy(s, s, None)
         return expr.xreplace(sub)
@@ -94,7 +94,9 @@ class _Names:
         else:
             info = self.d.info[label]
             text = _kernel_latex(info, self.d.names.get(label) or [("z", None)], index, self.notation)
-        dummy = sp.Dummy()
+        # A placeholder named after the kernel (not a Dummy): SymPy orders terms by name, so the
+        # printed formula is the same in every process.
+        dummy = sp.Symbol(f"symntk_{key}", real=True)
         self.names[dummy] = text
         self._cache[key] = dummy
         return dummy
