@@ -43,7 +43,9 @@ def _kernel_latex(info, nodes_display, index, notation) -> str:
     backward = info.extra.get("backward") and info.kind == "mu"
     if backward:
         nodes_display = [("d" + stem, it) for stem, it in nodes_display]
-    if info.kind == "mu":
+    if info.kind == "M":
+        letter = r"\theta"
+    elif info.kind == "mu":
         letter = r"\mu"
     elif info.kind == "D":
         letter = "D"
@@ -58,7 +60,7 @@ def _kernel_latex(info, nodes_display, index, notation) -> str:
         shown.append(_node_latex(stem, index if index is not None else it))
     sup = ",".join(dict.fromkeys(shown)) if len(set(shown)) == 1 else ",".join(shown)
     args = ",".join(_COPY[c] for c in copies if c is not None)
-    if info.kind == "mu":
+    if info.kind in ("mu", "M"):
         args = _COPY[copies[0]]
     return f"{letter}^{{{sup}}}({args})" if args else f"{letter}^{{{sup}}}"
 

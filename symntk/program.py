@@ -333,7 +333,9 @@ class MatMul(Vector):
 
 
 class Nonlin(Vector):
-    """phi(h1, ..., hk) applied coordinatewise (theory §1.1, Nonlin; sums and gates included)."""
+    """phi(h1, ..., hk; theta) applied coordinatewise (theory §1.1, Nonlin; sums and gates
+    included).  Arguments are vectors, or ``Moment`` scalars theta (NETSOR+ Nonlin+, theory §1.3:
+    e.g. LayerNorm's x / sqrt(mean(x^2)))."""
 
     def __new__(cls, phi, args, name: str = ""):
         args = tuple(args)
@@ -342,14 +344,15 @@ class Nonlin(Vector):
         if len(phi.variables) != len(args):
             raise ProgramError(
                 f"nonlinearity {phi} takes {len(phi.variables)} arguments, given {len(args)}")
-        if not args:
+        if not any(isinstance(a, Vector) for a in args):
             raise ProgramError("a Nonlin needs at least one vector argument")
         for a in args:
-            if not isinstance(a, Vector):
+            if not isinstance(a, (Vector, Moment)):
                 raise ProgramError(
                     f"nonlinearity {phi.expr} applied to {getattr(a, 'label', lambda: repr(a))()}, "
-                    f"a {type(a).__name__}; coordinatewise functions take width-space vectors")
-        dims = {a.dim for a in args}
+                    f"a {type(a).__name__}; coordinatewise functions take width-space vectors "
+                    "(and Moment scalars)")
+        dims = {a.dim for a in args if isinstance(a, Vector)}
         if len(dims) > 1:
             raise ProgramError(
                 f"nonlinearity {phi.expr} mixes vectors of dimensions {sorted(map(str, dims))}")
@@ -361,7 +364,7 @@ class Nonlin(Vector):
 
     phi = property(lambda self: self.args[0])
     inputs = property(lambda self: tuple(self.args[1]))
-    dim = property(lambda self: self.args[1][0].dim)
+    dim = property(lambda self: next(a for a in self.args[1] if isinstance(a, Vector)).dim)
     name = property(lambda self: self.args[2].name or None)
 
     def named(self, name):
@@ -386,6 +389,9 @@ class Moment(Node):
     psi = property(lambda self: self.args[0])
     inputs = property(lambda self: tuple(self.args[1]))
     name = property(lambda self: self.args[2].name or None)
+
+    def label(self):
+        return self.name or f"mean({self.psi.expr})"
 
 
 class Carry(Vector):

@@ -164,8 +164,7 @@ class Engine:
             sym = self._new_atom(Atom(kind, node, copy, order=order), f"Z_{self.label(node)}_{copy}")
             self.definitions[sym] = definition
         elif isinstance(node, Moment):
-            raise NotImplementedError(
-                f"Moment {node.name or node.psi} is not supported by the derivation yet")
+            return self.moment(node, copy)
         else:
             raise TypeError(f"no Z rule for {type(node).__name__}")
         self._atom_of[key] = sym
@@ -220,7 +219,15 @@ class Engine:
             elif isinstance(c, FixedReadout):
                 terms.append(sp.Integer(1))
             elif isinstance(c, Moment):
-                raise NotImplementedError("backpropagation through a Moment is not supported yet")
+                # theta = (1/n) sum psi(x): sqrt(n) df/dx_alpha through theta is
+                # [(1/n) sum_beta dy_beta d_theta phi_beta] psi'(x_alpha) -> c_theta psi'(Z^x).
+                args = [self.z(a, copy) for a in c.inputs]
+                grad = 0
+                for k, a in enumerate(c.inputs):
+                    if a == node:
+                        grad += _derivative(c.psi.expr, c.psi.variables[k], c).subs(
+                            dict(zip(c.psi.variables, args)), simultaneous=True)
+                terms.append(self.moment_cotangent(c, copy) * grad)
         definition = sp.Add(*terms)
         # A cotangent that is exactly one other atom is that atom, and a constant one (a fixed
         # readout's) is that constant: no alias symbols in the output.
@@ -233,6 +240,39 @@ class Engine:
             self.definitions[sym] = definition
         self._atom_of[key] = sym
         return sym
+
+    def moment(self, node: Moment, copy: int) -> sp.Expr:
+        """theta = E psi(Z^{h1}, ...), a deterministic scalar per input (TP2 Box 2, theory §1.3)."""
+        copy = 0 if self.same_input else copy
+        key = ("moment", node, copy)
+        if key not in self._atom_of:
+            rhs = self.expect(node.psi(*[self.z(a, copy) for a in node.inputs]))
+            if rhs.is_Number:
+                self._atom_of[key] = rhs
+            else:
+                sym = sp.Symbol(self._fresh_name(f"M_{self.label(node)}_{copy}"), real=True)
+                self.info[sym] = SymbolInfo("M", (node,), (copy,))
+                self.equations.append((sym, rhs))
+                self._atom_of[key] = sym
+        return self._atom_of[key]
+
+    def moment_cotangent(self, node: Moment, copy: int) -> sp.Expr:
+        """c_theta = sum over consumers y = phi(..; theta) of E[Z^{dy} d_theta phi(Z)]: the limit of
+        (1/n) sum_beta dy_beta d_theta phi_beta.  Zero in BP-like programs (dy is odd in v)."""
+        copy = 0 if self.same_input else copy
+        key = ("moment-cot", node, copy)
+        if key not in self._atom_of:
+            total = sp.Integer(0)
+            theta = self.moment(node, copy)
+            for c in self.consumers[node]:
+                args = [self.z(a, copy) for a in c.inputs]
+                for k, a in enumerate(c.inputs):
+                    if a == node:
+                        d = _derivative(c.phi.expr, c.phi.variables[k], c).subs(
+                            dict(zip(c.phi.variables, args)), simultaneous=True)
+                        total += self.expect(d * self.dz(c, copy))
+            self._atom_of[key] = total
+        return self._atom_of[key]
 
     def _transpose_atom(self, use: MatMul, copy: int) -> sp.Symbol:
         """Z^{M^T dy} for the forward use y = M x; its block is M^T (a fresh matrix under GIA)."""
