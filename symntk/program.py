@@ -344,14 +344,14 @@ class Nonlin(Vector):
         if len(phi.variables) != len(args):
             raise ProgramError(
                 f"nonlinearity {phi} takes {len(phi.variables)} arguments, given {len(args)}")
-        if not any(isinstance(a, Vector) for a in args):
-            raise ProgramError("a Nonlin needs at least one vector argument")
         for a in args:
             if not isinstance(a, (Vector, Moment)):
                 raise ProgramError(
                     f"nonlinearity {phi.expr} applied to {getattr(a, 'label', lambda: repr(a))()}, "
                     f"a {type(a).__name__}; coordinatewise functions take width-space vectors "
                     "(and Moment scalars)")
+        if not any(isinstance(a, Vector) for a in args):
+            raise ProgramError("a Nonlin needs at least one vector argument")
         dims = {a.dim for a in args if isinstance(a, Vector)}
         if len(dims) > 1:
             raise ProgramError(
