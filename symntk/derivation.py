@@ -240,41 +240,38 @@ def derive(program: Program, mode: str = "gia", fold: bool = True) -> Derivation
 
 
 def _derive(program: Program, mode: str, fold: bool, same_input: bool) -> Derivation:
+    """Fold a few unrolled iterations into a recursion; if they do not fold, unroll completely."""
     attempts = [FOLD_ITERATIONS, None] if (fold and program.repeats) else [None]
     for iterations in attempts:
         unrolled = _unroll(program, iterations)
         raw = _derive_unrolled(unrolled, mode, same_input)
-        if not unrolled.repeats or not fold:
-            return raw.finish(folded={})
-        folded = _fold(raw, unrolled)
-        if folded is not None:
-            return raw.finish(folded)
-        truncated = any(real != sp.Integer(stop) for _, _, stop, real in unrolled.repeats)
-        if not truncated:
-            d = raw.finish(folded={})
-            d.unrolled_repeats = tuple(r for r, *_ in unrolled.repeats)
-            return d
+        if unrolled.repeats and fold:
+            folded = _fold(raw, unrolled)
+            if folded is not None:
+                return folded
+            if any(real != sp.Integer(stop) for _, _, stop, real in unrolled.repeats):
+                continue                      # truncated: derive every iteration instead
+        d = raw.unfolded()
+        d.unrolled_repeats = tuple(r for r, *_ in unrolled.repeats) if fold else ()
+        return d
     raise AssertionError("unreachable: the last attempt unrolls completely")
 
 
 @dataclass
 class _Raw:
+    """The engine's output for an unrolled program, before folding."""
     program: Program
     mode: str
     engine: Engine
     unrolled: _Unrolled
     nngp: sp.Expr | None
     ntk_terms: dict
-    names: dict = field(default_factory=dict)
+    names: dict
 
-    def finish(self, folded: dict) -> Derivation:
-        """Build the Derivation; ``folded`` is the output of :func:`_fold` (or {} to keep as is)."""
+    def unfolded(self) -> Derivation:
         eng = self.engine
-        if folded:
-            return folded["derivation"]
-        steps = [Equation(s, r) for s, r in eng.equations]
-        ntk = sp.Add(*self.ntk_terms.values())
-        return Derivation(self.program, self.mode, steps, self.nngp, ntk, dict(self.ntk_terms),
+        return Derivation(self.program, self.mode, [Equation(s, r) for s, r in eng.equations],
+                          self.nngp, sp.Add(*self.ntk_terms.values()), dict(self.ntk_terms),
                           dict(eng.info), {s: eng.info[s] for s in eng.input_kernels.values()},
                           self.names)
 
@@ -314,9 +311,8 @@ def _derive_unrolled(unrolled: _Unrolled, mode: str, same_input: bool = False) -
         d = eng.expect(eng.dz(b, 0) * eng.dz(b, 1))
         name = _param_name(b, unrolled)
         terms[name] = terms.get(name, 0) + _BIAS_FACTOR[b.parametrization](b) * d
-    raw = _Raw(prog, mode, eng, unrolled, nngp, terms)
-    raw.names = {s: _display(eng, s, labels) for s in eng.info}
-    return raw
+    return _Raw(prog, mode, eng, unrolled, nngp, terms,
+                {s: _display(eng, s, labels) for s in eng.info})
 
 
 def _use_pair(eng: Engine, u: Node, u2: Node) -> sp.Expr:
@@ -550,7 +546,7 @@ def _fold(raw: _Raw, unrolled: _Unrolled):
     deriv = Derivation(raw.program, raw.mode, steps, nngp, sp.Add(*ntk_terms.values()), ntk_terms,
                        info, {s: eng.info[s] for s in eng.input_kernels.values()}, names,
                        loop_indices=(l,))
-    return {"derivation": deriv}
+    return deriv
 
 
 def _find_range(sigs: dict, iters: list, direction: int):

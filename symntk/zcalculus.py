@@ -462,16 +462,45 @@ class Engine:
 
     # ------------------------------------------------------------------ expectations
     def expect(self, expr: sp.Expr) -> sp.Expr:
-        """E[expr] for an expression in atoms, as an expression in kernel symbols."""
-        expr = sp.expand(sp.sympify(expr), power_exp=False, power_base=False, log=False)
-        total = []
-        for term in sp.Add.make_args(expr):
-            coeff, factors = self._split(term)
+        """E[expr] for an expression in atoms, as an expression in kernel symbols.
+
+        Independent factors are separated before anything is expanded, so a Gaussian integrand
+        such as phi'(u) phi'(v) with phi' a sum stays one expectation (one quadrature, or one
+        closed form) instead of being cut into pieces by distributing the product.
+        """
+        expr = sp.sympify(expr)
+        if not isinstance(expr, sp.Add):
+            coeff, factors = self._split(expr)
             if not factors:
-                total.append(coeff)
-            else:
-                total.append(coeff * self._expect_product(factors))
+                return coeff
+            groups = self._groups(factors)
+            if len(groups) > 1:
+                return coeff * sp.Mul(*[self.expect(sp.Mul(*g)) for g in groups])
+            product = sp.Mul(*factors)
+            syms = sorted((s for s in product.free_symbols if s in self.atoms), key=self._sort_key)
+            gaussian_only = all(self.atoms[s].kind != "opaque" for s in syms)
+            if gaussian_only and not product.is_polynomial(*syms):
+                return coeff * self._gaussian(product, syms)
+        expanded = sp.expand(expr, power_exp=False, power_base=False, log=False)
+        total = []
+        for term in sp.Add.make_args(expanded):
+            coeff, factors = self._split(term)
+            total.append(coeff * self._expect_product(factors) if factors else coeff)
         return sp.Add(*total)
+
+    def _groups(self, factors: list[sp.Expr]) -> list[list[sp.Expr]]:
+        """Factors linked by shared blocks; different groups are independent."""
+        groups: list[tuple[frozenset, list]] = []
+        for f in factors:
+            deps, members = self._factor_deps(f), [f]
+            keep = []
+            for gdeps, gmembers in groups:
+                if gdeps & deps:
+                    deps, members = deps | gdeps, gmembers + members
+                else:
+                    keep.append((gdeps, gmembers))
+            groups = keep + [(deps, members)]
+        return [members for _, members in groups]
 
     def _split(self, term: sp.Expr):
         coeff, factors = sp.Integer(1), []
@@ -491,17 +520,7 @@ class Engine:
                 product = sp.Mul(*factors).xreplace({sym: self.definitions[sym]})
                 return self.expect(product)
         # 2. Split into independent groups (disjoint blocks), expectation factorises.
-        groups: list[tuple[frozenset, list]] = []
-        for f in factors:
-            deps, members = self._factor_deps(f), [f]
-            keep = []
-            for gdeps, gmembers in groups:
-                if gdeps & deps:
-                    deps, members = deps | gdeps, gmembers + members
-                else:
-                    keep.append((gdeps, gmembers))
-            groups = keep + [(deps, members)]
-        return sp.Mul(*[self._expect_group(members) for _, members in groups])
+        return sp.Mul(*[self._expect_group(members) for members in self._groups(factors)])
 
     def _opaque_inside_heads(self, factor: sp.Expr) -> set:
         """Opaque atoms that appear inside a non-polynomial function in ``factor``."""
@@ -553,12 +572,21 @@ class Engine:
 
 
 def reduce_expectations(expr: sp.Expr) -> sp.Expr:
-    """Replace every ``GaussianExpectation`` by its closed form where the table has one."""
+    """Replace every ``GaussianExpectation`` by its closed form where the table has one.
+
+    When the table only splits a node into several residual expectations (linearity on an
+    integrand without closed form), the original node is kept: one quadrature of the whole
+    integrand is cheaper and more accurate than several of its pieces.
+    """
     from .gaussian import GaussianExpectation, expect
     nodes = expr.atoms(GaussianExpectation)
     if not nodes:
         return expr
-    return expr.xreplace({n: expect(n.args[0], tuple(n.args[1]), n.args[2]) for n in nodes})
+    out = {}
+    for n in nodes:
+        reduced = expect(n.args[0], tuple(n.args[1]), n.args[2])
+        out[n] = n if len(reduced.atoms(GaussianExpectation)) > 1 else reduced
+    return expr.xreplace(out)
 
 
 def _derivative(expr: sp.Expr, var: sp.Symbol, node: Nonlin) -> sp.Expr:
