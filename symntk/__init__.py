@@ -5,6 +5,8 @@ Pipeline (one idea per module, data flowing one way)::
     program (IR)  ->  derive (Z calculus)  ->  Derivation  ->  latex / evaluate / compile
     program (IR)  ->  sample (finite width)  ->  empirical_ntk, monte_carlo, convergence
 
+The two meet only in tests, benchmarks, ``compare`` and ``convergence``.
+
 Quick start::
 
     import symntk
@@ -21,6 +23,8 @@ from .evaluate import KernelResult, gram
 from .gia import GIACheck, gia_check
 from .limits import expectation
 from .compare import Comparison, compare
+from .finite import FiniteNetwork, empirical_ntk, monte_carlo, sample
+from .convergence import convergence, plot_convergence
 from . import examples
 
 __version__ = "0.1.0"
@@ -30,7 +34,8 @@ __all__ = [
     "OutputBias", "Program", "ProgramError", "Readout", "Repeat", "Transpose", "Vector", "Weight",
     "WIDTH", "nonlin", "repeat", "mlp", "residual_mlp", "tied_mlp", "Derivation", "Equation",
     "Loop", "derive", "KernelResult", "gram", "kernel", "activation", "GIACheck", "gia_check",
-    "expectation", "Comparison", "compare", "examples",
+    "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
+    "monte_carlo", "sample", "convergence", "plot_convergence",
 ]
 
 

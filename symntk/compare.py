@@ -71,7 +71,7 @@ class Comparison:
                 lines.append(f"NTK (exact) =\n{self.values['exact'].ntk}")
                 if self.finite is not None:
                     mean, sem = self.finite.ntk_mean, self.finite.ntk_sem
-                    lines.append(f"NTK (finite width {self.width}, {self.finite.n_samples} seeds) "
+                    lines.append(f"NTK (finite width {self.width}, {len(self.finite.seeds)} seeds) "
                                  f"mean =\n{mean}\n  +- s.e.\n{sem}")
                     for mode in ("gia", "exact"):
                         z = np.abs(self.values[mode].ntk - mean) / np.maximum(sem, 1e-300)

@@ -91,10 +91,17 @@ def _quadrature(node, values, consts, idx):
     for i in range(k):
         for j in range(k):
             S[..., i, j] = np.broadcast_to(entries[i][j], shape)
-    free = integrand.free_symbols - set(variables)
-    params = {s: consts[s] for s in free if s in consts}
-    f = lambdify_integrand(integrand.subs(params), variables)
-    return gaussian_expectation(f, S)
+    # Other symbols in the integrand (model constants, or derived per-input scalars such as a
+    # Moment) are extra arguments, broadcast over the quadrature grid by a trailing axis.
+    extra = sorted(integrand.atoms(sp.Indexed), key=str) + sorted(
+        (s for s in integrand.free_symbols - set(variables) if not isinstance(s, sp.Indexed)
+         and not any(s in i.free_symbols for i in integrand.atoms(sp.Indexed))), key=str)
+    dummies = [sp.Dummy() for _ in extra]
+    body = integrand.xreplace(dict(zip(extra, dummies)))
+    vals = [np.asarray(_value(e, values, consts, idx), dtype=np.float64) for e in extra]
+    f = lambdify_integrand(body, tuple(variables) + tuple(dummies))
+    vals = [np.broadcast_to(v, shape)[..., None] for v in vals]
+    return gaussian_expectation(lambda *u: f(*u, *vals), S)
 
 
 def gram(derivation: Derivation, X1, X2=None, params: dict | None = None,

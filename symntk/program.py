@@ -356,10 +356,6 @@ class Nonlin(Vector):
         if len(dims) > 1:
             raise ProgramError(
                 f"nonlinearity {phi.expr} mixes vectors of dimensions {sorted(map(str, dims))}")
-        free = phi.expr.free_symbols - set(phi.variables)
-        stray = [s for s in free if not isinstance(s, Symbol)]
-        if stray:
-            raise ProgramError(f"nonlinearity {phi.expr} has non-symbol parameters {stray}")
         return super().__new__(cls, phi, Tuple(*args), Str(_str(name)))
 
     phi = property(lambda self: self.args[0])
@@ -486,6 +482,9 @@ class OutputBias(Node):
     variance = property(lambda self: self.args[1])
     parametrization = property(lambda self: self.args[2].name)
 
+    def label(self):
+        return self.name
+
 
 class Readout(Node):
     """f = v^T h / sqrt(n) + b_out.
@@ -562,6 +561,8 @@ class Program:
         self._validate()
 
     # -- structure -----------------------------------------------------------------------
+    # ``nodes`` reaches a Repeat's body through the Repeat (the body is a template), so the
+    # parameters of loop bodies are listed per iteration by ``unrolled().weights``.
     @property
     def inputs(self) -> tuple[Input, ...]:
         return tuple(n for n in self.nodes if isinstance(n, Input))
@@ -594,14 +595,24 @@ class Program:
             raise ProgramError("the program output does not depend on any Input (pass "
                                "require_input=False for a NETSOR program on Gaussian initial vectors)")
         seen: dict[str, Node] = {}
-        for node in self.nodes:
+        every = list(self.nodes)
+        for rep in self.repeats:
+            every.extend(_topological(rep.body))
+        for node in every:
             if isinstance(node, (Weight, Bias, OutputBias)):
                 key = f"{node.name}[{node.index if hasattr(node, 'index') else ''}]"
                 other = seen.setdefault(key, node)
                 if other != node:
                     raise ProgramError(
-                        f"two different parameters are both called {node.name!r}: {other} and {node}")
+                        f"two different parameters are both called {node.name!r}: "
+                        f"{_describe(other)} vs {_describe(node)}")
         _check_carries(self.output, frozenset())
+
+
+def _describe(p) -> str:
+    fields = [f for f in ("fan_out", "fan_in", "dim", "variance", "parametrization", "index")
+              if hasattr(p, f)]
+    return "(" + ", ".join(f"{f}={getattr(p, f)}" for f in fields) + ")"
 
 
 def _children(node: Basic) -> Iterator[Basic]:
