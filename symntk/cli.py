@@ -79,7 +79,49 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--latex", action="store_true", help="print both recursions in LaTeX")
     c.add_argument("--out", help="write a standalone .tex comparison to this file")
     c.set_defaults(run=_compare)
+
+    v = sub.add_parser("converge", help="finite-width empirical NTK vs the derived limit: "
+                       "relative deviation per width (the NTK4A deviation study)")
+    v.add_argument("architecture", help=f"one of {sorted(ARCHITECTURES)}, an example, or a .py file")
+    v.add_argument("--depth", type=int, default=2)
+    v.add_argument("--activation", default="relu")
+    v.add_argument("--weight-std", default="1.0")
+    v.add_argument("--bias-std", default=None)
+    v.add_argument("--parametrization", default="ntk", choices=["ntk", "tp", "standard"])
+    v.add_argument("--widths", default="64,128,256,512,1024,2048,4096",
+                   help="comma-separated widths")
+    v.add_argument("--seeds", type=int, default=10, help="networks per width")
+    v.add_argument("--inputs", type=int, default=16, help="random inputs (d = --input-dim)")
+    v.add_argument("--input-dim", type=int, default=8)
+    v.add_argument("--plot", help="write the log-log figure here (needs matplotlib)")
+    v.set_defaults(run=_converge)
     return p
+
+
+def _converge(args) -> int:
+    import numpy as np
+    from . import examples
+    from .convergence import convergence, plot_convergence
+    try:
+        widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    except ValueError:
+        raise CLIError(f"--widths must be comma-separated integers, got {args.widths!r}") from None
+    if not widths or min(widths) < 1 or args.seeds < 2:
+        raise CLIError("need positive widths and --seeds >= 2")
+    if args.architecture in _EXAMPLES:
+        program = getattr(examples, args.architecture)()
+    else:
+        program = _load_program(args, input_dim=args.input_dim)
+    dims = {inp.dim for inp in program.inputs}
+    dim = next(iter(dims))
+    d = int(dim) if getattr(dim, "is_Integer", False) else args.input_dim
+    X = np.random.default_rng(0).normal(size=(args.inputs, d))
+    record = convergence(program, X, widths, args.seeds)
+    print(record.table())
+    if args.plot:
+        plot_convergence(record, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
 
 
 _EXAMPLES = ("tp2_section_6_3", "square_readout", "trained_readout_square", "ata_v",
@@ -115,7 +157,7 @@ def _compare(args) -> int:
     return 0
 
 
-def _load_program(args):
+def _load_program(args, input_dim=None):
     import symntk
     target = args.architecture
     if target in ARCHITECTURES:
@@ -123,8 +165,9 @@ def _load_program(args):
         from .activations import activation
         act = activation(args.activation)
         bias = None if args.bias_std is None else _float(args.bias_std, "--bias-std")
+        extra = {} if input_dim is None else {"input_dim": input_dim}
         return builder(args.depth, act, weight_std=_float(args.weight_std, "--weight-std"),
-                       bias_std=bias, parametrization=args.parametrization)
+                       bias_std=bias, parametrization=args.parametrization, **extra)
     if target.endswith(".py"):
         if not os.path.isfile(target):
             raise CLIError(f"no such file: {target}")

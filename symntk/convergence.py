@@ -66,15 +66,23 @@ def _loglog_slope(widths: np.ndarray, means: np.ndarray) -> tuple[float, float]:
     return float(slope), float(intercept)
 
 
-def convergence(program, X, widths, seeds, reference, parametrization=None, values=None,
+def convergence(program, X, widths, seeds, reference=None, parametrization=None, values=None,
                 label: str | None = None, n_bootstrap: int = 2000) -> ConvergenceRecord:
     """Relative Frobenius deviation of the empirical NTK from ``reference`` per width and seed.
 
-    ``reference``: the infinite-width NTK Gram matrix on ``X``, shape (N, N).  ``seeds``: a sequence
+    ``reference``: the infinite-width NTK Gram matrix on ``X``, shape (N, N) (None: derive it).
+    ``seeds``: a sequence
     of ints, or an int S meaning ``range(S)``.  The network for (width w, seed s) is drawn with
     ``numpy.random.default_rng(SeedSequence([s, w]))``, so different widths use independent
     randomness (the per-width means are independent, as the interval and the fit assume).
     """
+    if reference is None:
+        # The infinite-width kernel of the same program: GIA where the Simple GIA Check holds
+        # (identical to exact there, and cheaper), the exact calculus where it does not.
+        from .derivation import derive
+        from .gia import gia_check
+        mode = "gia" if gia_check(program).holds else "exact"
+        reference = derive(program, mode=mode).gram(X, params=values).ntk
     widths = np.asarray(sorted(int(w) for w in widths))
     if widths.size < 2 or widths[0] < 1:
         raise ValueError("convergence needs at least two positive widths")

@@ -122,3 +122,13 @@ def test_console_script_entry_point():
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert r.returncode == 0 and "ntk =" in r.stdout
+
+
+def test_cli_converge(capsys, tmp_path):
+    rc = main(["converge", "mlp", "--depth", "2", "--activation", "erf", "--widths", "32,64,128",
+               "--seeds", "3", "--inputs", "4", "--input-dim", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "fitted log-log slope" in out and "    128" in out
+    assert main(["converge", "mlp", "--widths", "32,abc"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
