@@ -624,9 +624,37 @@ def _rule_heads(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | No
     return None
 
 
+def _rule_step_absorb(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | None:
+    """step(L) relu(L)^m = relu(L)^m, step(L)^k = step(L), step(L) step(-L) = 0 (almost surely).
+
+    Exact-mode derivatives put these products next to each other (d relu = step, so a Zdot
+    coefficient of a ReLU network carries step(h) relu(h)); collapsing them lets the pair table
+    close the expectation instead of leaving it to quadrature.
+    """
+    factors = _factors(term)
+    steps = {b.args[0]: n for b, n in factors if isinstance(b, Heaviside)}
+    if not steps:
+        return None
+    relus = {_relu_arg(b) for b, _ in factors if isinstance(b, Max)}
+    for arg in steps:
+        if -arg in steps:
+            return sympy.S.Zero
+    changed = any(n > 1 for n in steps.values()) or any(arg in relus for arg in steps)
+    if not changed:
+        return None
+    out = sympy.S.One
+    for b, n in factors:
+        if isinstance(b, Heaviside):
+            out *= 1 if b.args[0] in relus else b
+        else:
+            out *= b ** n
+    return _reduce_term(out, variables, cov)
+
+
 #: Per-term rules, first match wins.  Order matters where noted.
 _RULES: tuple[Callable[[Expr, tuple, ImmutableMatrix], Expr | None], ...] = (
     _rule_parity,  # cheapest, kills odd terms before any work
+    _rule_step_absorb,  # step(L) relu(L) = relu(L): before the table looks for pairs
     _rule_wick,  # pure monomials
     _rule_gaussian_factor,  # before Stein: erf' = exp(-L^2) must not be differentiated
     _rule_delta,  # before Stein: delta' would appear otherwise
