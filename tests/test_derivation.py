@@ -219,3 +219,15 @@ def test_unbound_parameter_is_named():
     with pytest.raises(ValueError, match="sigma_w"):
         d.gram(X_PAIR)
     assert np.isfinite(d.gram(X_PAIR, params={"sigma_w": 1.2}).ntk).all()
+
+
+def test_standard_parametrization_against_finite_width():
+    """SP trains W directly: the NTK grows like fan_in (theory §1.5); with the width bound, the
+    derived kernel is the finite network's expected NTK."""
+    program = mlp(2, "erf", weight_std=1.2, bias_std=0.3, parametrization="standard", input_dim=3)
+    d = derive(program)
+    assert sp.Symbol("n", positive=True, integer=True) in d.parameters()
+    K = d.gram(X_PAIR, params={"n": 512}).ntk
+    mc = symntk.monte_carlo(program, X_PAIR, width=512, n_samples=12, seed=1)
+    assert (np.abs(K - mc.ntk_mean) / mc.ntk_sem).max() < 3.0
+    assert K[0, 0] > 100                      # O(n), unlike the NTK parametrization
