@@ -33,8 +33,8 @@ __all__ = [
     "Bias", "Carry", "Embedding", "FixedReadout", "Input", "MatMul", "Moment", "Nonlin",
     "OutputBias", "Program", "ProgramError", "Readout", "Repeat", "Transpose", "Vector", "Weight",
     "WIDTH", "nonlin", "repeat", "mlp", "residual_mlp", "tied_mlp", "Derivation", "Equation",
-    "Loop", "derive", "KernelResult", "gram", "kernel", "activation", "GIACheck", "gia_check",
-    "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
+    "Loop", "derive", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
+    "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
     "monte_carlo", "sample", "convergence", "plot_convergence",
 ]
 
@@ -45,6 +45,26 @@ def activation(spec):
     return _activation(spec)
 
 
+def compile(derivation, **options):
+    """Compile a derivation to a cached Numba kernel: ``k = symntk.compile(d); k(X1, X2)``.
+
+    Options: see :func:`symntk.kernels.compile` (quadrature rule and orders, ``cache``).
+    """
+    from .kernels import compile as _compile
+    return _compile(derivation, **options)
+
+
 def kernel(program, X1, X2=None, mode: str = "gia", params=None) -> KernelResult:
-    """One call: derive ``program`` and return its NNGP/NTK Gram matrices on the data."""
-    return derive(program, mode=mode).gram(X1, X2, params=params)
+    """One call: derive ``program``, compile it (cached) and return its NNGP/NTK Gram matrices.
+
+    Derivations the code generator does not handle yet fall back to the NumPy evaluator.
+    """
+    import warnings
+    d = derive(program, mode=mode)
+    try:
+        k = d.compile()
+    except NotImplementedError as exc:
+        warnings.warn(f"compiled kernel unavailable ({exc}); using the NumPy evaluator",
+                      RuntimeWarning, stacklevel=2)
+        return d.gram(X1, X2, params=params)
+    return k(X1, X2, params=params)

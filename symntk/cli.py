@@ -3,6 +3,7 @@
     symntk derive mlp --depth 3 --activation relu [--bias-std 0.1] [--latex] [--out file.tex]
     symntk derive path/to/arch.py            # a Python file that defines ``program``
     symntk derive mlp --depth 2 --activation "x*tanh(x)" --eval "1,2,0; 0.5,-1,1.5"
+    symntk cache info | clear                # the compiled-kernel cache ($SYMNTK_CACHE_DIR)
 
 Formula strings (activations, ``--eval`` data) are parsed with a whitelist, never ``eval``-ed.
 Errors are one clear line on stderr and exit code 2.
@@ -95,7 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--input-dim", type=int, default=8)
     v.add_argument("--plot", help="write the log-log figure here (needs matplotlib)")
     v.set_defaults(run=_converge)
+    k = sub.add_parser("cache", help="the compiled-kernel cache ($SYMNTK_CACHE_DIR)")
+    k.add_argument("action", choices=["info", "clear"],
+                   help="info: where it is and what it holds; clear: delete the kernels")
+    k.set_defaults(run=_cache)
     return p
+
+
+def _cache(args) -> int:
+    from . import codegen
+    if args.action == "info":
+        info = codegen.cache_info()
+        print(f"path:        {info['path']}")
+        print(f"modules:     {info['modules']}")
+        print(f"numba files: {info['numba_files']}")
+        print(f"size:        {info['bytes'] / 1e6:.2f} MB")
+    else:
+        n = codegen.clear_cache()
+        print(f"removed {n} files from {codegen.cache_dir()}")
+    return 0
 
 
 def _converge(args) -> int:

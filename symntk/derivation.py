@@ -152,6 +152,11 @@ class Derivation:
         from .evaluate import evaluate_pair
         return evaluate_pair(self, x1, x2, **options)
 
+    def compile(self, **options):
+        """A Numba kernel for these equations (cached on disk): ``k = d.compile(); k(X1, X2)``."""
+        from .kernels import compile as _compile
+        return _compile(self, **options)
+
 
 # ----------------------------------------------------------------------------------- unrolling
 @dataclass

@@ -1,0 +1,402 @@
+"""Compiled NNGP/NTK kernels: the object returned by ``Derivation.compile()`` and its Gram drivers.
+
+``k = symntk.compile(derivation)`` generates and loads the module of :mod:`symntk.codegen`
+(compiling it once, or loading Numba's cache), then ``k(X1, X2=None)`` returns a
+:class:`~symntk.evaluate.KernelResult` of float64 (N1, N2) matrices:
+
+1. ``per_input`` runs once over the rows of X1 (and of X2): the per-input table and the exact
+   diagonal from ``derivation.diagonal``;
+2. the input kernel x.x' is computed by BLAS *into the NTK output* (on one BLAS thread: OpenBLAS's
+   idle workers would spin against Numba's threads); ``pairs`` (a ``prange`` over rows,
+   vectorised over chunks of columns) reads each entry and overwrites it with the kernel.  The working memory beyond
+   the output matrices is the per-input tables, O((N1 + N2) x table width), and a few hundred
+   bytes of scratch per thread: never an (N1, N2, n_symbols) array, and no staging buffer.
+   Rows can be processed in blocks (``block_rows``); memory does not depend on it, and one
+   block is fastest (every block hands the cores from BLAS's threads to Numba's and back);
+3. with ``X2 = None`` only j > i is computed, the lower triangle is mirrored and the diagonal is
+   the diagonal system's (exact; the pair formulas lose digits to cancellation at c = 1:
+   sqrt(1 - c^2) turns a rounding error of 1e-16 in c into 1e-8, and deeper layers compound it).
+
+Quadrature (expectations without closed forms, theory §5): the node and weight arrays are
+*arguments* of the jitted functions (never callables), so the orders are options of
+:func:`compile` that need no recompilation.
+
+* 2-D, ``rule="polar"`` (default): polar coordinates in the whitened plane.  The kinks of
+  activations at 0 (``u1 = 0``, ``u2 = 0``) are rays, so the angle is split there and each arc
+  gets Gauss-Legendre (``angular_order`` nodes); the radius a Gauss rule for the weight
+  ``rho exp(-rho^2/2)`` (``radial_order`` nodes).  ReLU-like kinks are integrated to rounding
+  error, smooth integrands converge exponentially: with the default (32, 24) the error is
+  ~1e-13 for tanh at variance <= 2 and ~1e-10 at variance 6 (see ``tests/test_codegen.py``).
+* 2-D, ``rule="hermite"``: tensor Gauss-Hermite (``hermite_order`` per axis) on the whitened
+  Gaussian, the textbook rule; exponential for entire integrands, slow for tanh at large variance
+  and only ~1/n for kinks.
+* 1-D: a Gauss rule for ``exp(-z^2/2)`` on [0, inf) on each side of the kink at 0
+  (``half_order`` nodes).
+* k >= 3: tensor Gauss-Hermite of order ``kd_order`` after a semidefinite Cholesky factor.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numba
+import numpy as np
+import sympy as sp
+from numba import njit, prange
+
+from . import codegen
+from .evaluate import KernelResult, bind, check_inputs
+
+__all__ = ["CompiledKernel", "compile", "polar_rule", "half_rule", "hermite_rule", "QUADRATURE"]
+
+#: Default quadrature orders (see the module docstring for the accuracy they give).
+QUADRATURE = {"rule": "polar", "radial_order": 32, "angular_order": 24, "hermite_order": 64,
+              "half_order": 48, "kd_order": 16}
+
+
+# ================================================================================ rules
+@functools.lru_cache(maxsize=None)
+def _radial_gauss(power: int, n: int):
+    """Gauss rule for ``int_0^inf f(r) r^power exp(-r^2/2) dr`` (weights sum to the integral of
+    the weight).  Lanczos with full reorthogonalisation on a fine discretisation of the weight
+    (composite Gauss-Legendre), then Golub-Welsch; moments agree with the exact ones to ~1e-14."""
+    if n < 1:
+        raise ValueError(f"quadrature order must be >= 1, got {n}")
+    R = np.sqrt(2.0 * (2 * n + 40.0)) + 6.0        # the weight beyond R is below e^{-2n-40}
+    x, w = np.polynomial.legendre.leggauss(30)
+    edges = np.linspace(0.0, R, 2 * n + 61)
+    a, b = edges[:-1, None], edges[1:, None]
+    X = ((b - a) / 2 * x + (a + b) / 2).ravel()
+    W = ((b - a) / 2 * w).ravel() * X ** power * np.exp(-X * X / 2)
+    keep = W > 1e-300
+    X, W = X[keep], W[keep]
+    Q = np.zeros((n, X.size))
+    q = np.sqrt(W)
+    mu0 = q @ q
+    Q[0] = q / np.sqrt(mu0)
+    alpha, beta = np.zeros(n), np.zeros(max(n - 1, 0))
+    for k in range(n):
+        v = X * Q[k]
+        alpha[k] = Q[k] @ v
+        if k == n - 1:
+            break
+        v -= alpha[k] * Q[k]
+        if k > 0:
+            v -= beta[k - 1] * Q[k - 1]
+        for _ in range(2):                           # reorthogonalise twice (Lanczos)
+            v -= Q[:k + 1].T @ (Q[:k + 1] @ v)
+        beta[k] = np.linalg.norm(v)
+        Q[k + 1] = v / beta[k]
+    J = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+    nodes, vecs = np.linalg.eigh(J)
+    return np.ascontiguousarray(nodes), np.ascontiguousarray(mu0 * vecs[0] ** 2)
+
+
+def polar_rule(radial_order: int, angular_order: int):
+    """``(RR, RW, AT, AW)``: radial Gauss rule for ``rho exp(-rho^2/2)`` (weights sum to 1) and
+    Gauss-Legendre on [0, 1] for the angle (weights sum to 1)."""
+    rr, rw = _radial_gauss(1, int(radial_order))
+    t, w = np.polynomial.legendre.leggauss(int(angular_order))
+    return rr, rw, np.ascontiguousarray((t + 1) / 2), np.ascontiguousarray(w / 2)
+
+
+def half_rule(order: int):
+    """``(HR, HW)``: Gauss rule for the standard normal density on [0, inf) (weights sum to 1/2)."""
+    r, w = _radial_gauss(0, int(order))
+    return r, w / np.sqrt(2 * np.pi)
+
+
+def hermite_rule(order: int):
+    """``(GZ, GW)``: probabilists' Gauss-Hermite, E f(Z) ~ sum GW f(GZ) for Z ~ N(0, 1)."""
+    z, w = np.polynomial.hermite_e.hermegauss(int(order))
+    return np.ascontiguousarray(z), np.ascontiguousarray(w / np.sqrt(2 * np.pi))
+
+
+def _rules(options: dict):
+    rr, rw, at, aw = polar_rule(options["radial_order"], options["angular_order"])
+    hr, hw = half_rule(options["half_order"])
+    gz, gw = hermite_rule(options["hermite_order"])
+    kz, kw = hermite_rule(options["kd_order"])
+    return (rr, rw, at, aw, hr, hw, gz, gw, kz, kw)
+
+
+# =========================================================================== the kernel
+class CompiledKernel:
+    """A derivation compiled to Numba; call it on data.
+
+    ``k(X1, X2=None, params=None, diagonal=False, max_memory=None, terms=False,
+    block_rows=None)``
+
+    * ``X1`` (N1, d), ``X2`` (N2, d) or None (then X2 = X1: symmetric, half the work, exact
+      diagonal);
+    * ``params``: values of the derivation's free symbols (variances), by symbol or name; the
+      input dimension ``d`` comes from the data;
+    * ``diagonal=True``: only k(x, x) for the rows of X1 (arrays of shape (N1,));
+    * ``max_memory`` (bytes): a cap on the estimated peak of the call (outputs and tables);
+      ``MemoryError`` naming the sizes if it cannot be met;
+    * ``terms=True``: also ``ntk_terms`` (one (N1, N2) matrix per parameter; extra memory), else
+      ``ntk_terms`` is ``{}`` (the compiled path computes the terms anyway, storing is opt-in);
+    * ``block_rows``: rows per block of the pair phase (default: all rows in one block).
+
+    Non-finite results (a recursion that overflows float64, e.g. exp(exp(...))) are counted by
+    the kernel and reported with a ``RuntimeWarning``; inputs with NaN/inf are rejected.
+    """
+
+    def __init__(self, derivation, generated: codegen.GeneratedKernel, module, cached: bool,
+                 options: dict):
+        self.derivation = derivation
+        self.generated = generated
+        self.module = module
+        self.cached = cached
+        self.options = dict(options)
+        self._rules = _rules(self.options)
+        self._dim = derivation.program.inputs[0].dim
+        self._dim_syms = {str(s) for s in [self._dim] if isinstance(s, sp.Symbol)}
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def source(self) -> str:
+        """The generated module text."""
+        return self.generated.source
+
+    @property
+    def path(self) -> str | None:
+        """The module file in the cache directory (None when compiled without the cache)."""
+        return getattr(self.module, "__file__", None) if self.cached else None
+
+    def cache_stats(self) -> dict:
+        """Numba's cache statistics of the two jitted functions (hits and misses)."""
+        out = {}
+        for name in ("per_input", "pairs"):
+            st = getattr(self.module, name).stats
+            out[name] = {"cache_hits": sum(st.cache_hits.values()),
+                         "cache_misses": sum(st.cache_misses.values())}
+        return out
+
+    def __repr__(self):
+        where = self.path or "memory (uncached)"
+        return (f"<CompiledKernel {self.derivation.program.name!r} rule={self.options['rule']} "
+                f"params={[str(p) for p in self.generated.params]} at {where}>")
+
+    # ------------------------------------------------------------------ calls
+    def _theta(self, params, dim: int) -> np.ndarray:
+        """The parameter vector of the generated functions (evaluate.bind names what is missing;
+        the input dimension comes from the data)."""
+        bound = {str(k): v for k, v in bind(self.derivation, params).items()}
+        vals = []
+        for p in self.generated.params:
+            if str(p) in self._dim_syms:
+                vals.append(float(dim))
+            elif str(p) in bound:
+                vals.append(float(bound[str(p)]))
+            else:
+                raise ValueError(f"unbound symbol {p}: pass it in params=")
+        theta = np.array(vals, dtype=np.float64)
+        if not np.all(np.isfinite(theta)):
+            raise ValueError("params must be finite, got "
+                             f"{dict(zip(map(str, self.generated.params), vals))}")
+        return theta
+
+    def _per_input(self, X, theta):
+        g = self.generated
+        q = np.ascontiguousarray(np.einsum("ij,ij->i", X, X) / X.shape[1])
+        n = X.shape[0]
+        T = np.empty((n, g.table_width))
+        dn, dk = np.empty(n), np.empty(n)
+        dt = np.empty((max(len(g.term_names), 1), n))
+        self.module.per_input(q, theta, *self._rules, T, dn, dk, dt)
+        return T, dn, dk, dt
+
+    def __call__(self, X1, X2=None, params=None, diagonal: bool = False, max_memory=None,
+                 terms: bool = False, block_rows: int | None = None) -> KernelResult:
+        g = self.generated
+        X1 = check_inputs(X1, "X1", self._dim)
+        sym = X2 is None
+        X2 = X1 if sym else check_inputs(X2, "X2", self._dim)
+        if X2.shape[1] != X1.shape[1]:
+            raise ValueError(f"X1 has {X1.shape[1]} features but X2 has {X2.shape[1]}")
+        d = X1.shape[1]
+        theta = self._theta(params, d)
+        n1, n2 = X1.shape[0], X2.shape[0]
+        if diagonal:
+            _, dn, dk, dt = self._per_input(X1, theta)
+            _check_finite(int(np.count_nonzero(~np.isfinite(dk))))
+            return KernelResult(dn if g.has_nngp else None, dk,
+                                {name: dt[k] for k, name in enumerate(g.term_names)}
+                                if terms else {})
+        n_out = (2 if g.has_nngp else 1) + (len(g.term_names) if terms else 0)
+        out_bytes = 8 * n_out * n1 * n2
+        table_bytes = 8 * (n1 + n2) * (g.table_width + 4 + len(g.term_names))
+        if max_memory is not None and out_bytes + table_bytes > int(max_memory):
+            raise MemoryError(
+                f"max_memory={int(max_memory)} bytes is too small: the {n_out} output "
+                f"matrices of shape ({n1}, {n2}) alone need {out_bytes} bytes "
+                f"(plus {table_bytes} for per-input tables); raise max_memory, split the "
+                "inputs, or ask for diagonal=True")
+        T1, dn1, dk1, dt1 = self._per_input(X1, theta)
+        T2 = np.ascontiguousarray((T1 if sym else self._per_input(X2, theta)[0]).T)
+        ntk = np.empty((n1, n2))
+        nngp = np.empty((n1, n2)) if g.has_nngp else np.empty((1, 1))
+        nt = max(len(g.term_names), 1)
+        tarr = np.empty((nt, n1, n2)) if (terms and g.term_names) else np.empty((nt, 1, 1))
+        rows = n1 if block_rows is None else max(1, int(block_rows))
+        mod = self.module
+        bad = np.zeros(n1, dtype=np.int64)
+        for r0 in range(0, n1, rows):
+            r1 = min(n1, r0 + rows)
+            if g.pair_inputs:        # stage x.x' in the output rows (BLAS); pairs reads it
+                with _quiet_blas():
+                    np.matmul(X1[r0:r1], X2.T, out=ntk[r0:r1])
+            mod.pairs(T1, T2, theta, *self._rules, nngp, ntk, tarr, bool(terms), r0, r1, sym,
+                      1.0 / d, bad, 4 * numba.get_num_threads())
+        term_arrays = {}
+        if terms:
+            term_arrays = {name: tarr[k] for k, name in enumerate(g.term_names)}
+        if sym:
+            mats = [ntk] + ([nngp] if g.has_nngp else []) + list(term_arrays.values())
+            diags = [dk1] + ([dn1] if g.has_nngp else []) + \
+                [dt1[k] for k in range(len(term_arrays))]
+            for M, dv in zip(mats, diags):
+                _mirror(M)
+                np.fill_diagonal(M, dv)
+        _check_finite(int(bad.sum()) + (int(np.count_nonzero(~np.isfinite(dk1))) if sym else 0))
+        return KernelResult(nngp if g.has_nngp else None, ntk, term_arrays)
+
+    # ------------------------------------------------------------------ compilation
+    def warm_up(self):
+        """Compile (or load from Numba's cache) both functions with the call signatures."""
+        X = np.array([[1.0] + [0.0] * (_dim_or(self._dim, 1) - 1),
+                      [0.5] * _dim_or(self._dim, 1)])
+        theta = np.ones(len(self.generated.params))
+        T, dn, dk, dt = self._per_input(X, theta)
+        g = self.generated
+        n = X.shape[0]
+        ntk = np.full((n, n), 0.1)
+        nngp = np.empty((n, n))
+        tarr = np.empty((max(len(g.term_names), 1), 1, 1))
+        self.module.pairs(T, np.ascontiguousarray(T.T), theta, *self._rules, nngp, ntk, tarr,
+                          False, 0, n, True, 1.0, np.zeros(n, dtype=np.int64), 2)
+        _mirror(ntk)
+
+
+@functools.lru_cache(maxsize=None)
+def _openblas():
+    """(get, set) of the OpenBLAS that NumPy's wheel bundles, or None (MKL, conda, ...)."""
+    import ctypes
+    import glob
+    import os
+    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)                  # already loaded: the same handle
+        except OSError:
+            continue
+        for stem in ("scipy_openblas_", "openblas_"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{stem}get_num_threads{suffix}", None)
+                put = getattr(lib, f"{stem}set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype = ctypes.c_int
+                    put.argtypes = [ctypes.c_int]
+                    return get, put
+    return None
+
+
+class _quiet_blas:
+    """Run the staging matmul on one BLAS thread.  OpenBLAS's worker threads keep spinning for a
+    while after a call, competing for the cores with the Numba threads that come next (measured:
+    ~1.3x slower and twice as noisy on 2 cores); one thread costs ~20 ms at N = 4000, d = 100."""
+
+    def __enter__(self):
+        ctl = _openblas()
+        self.saved = None
+        if ctl is not None:
+            self.saved = ctl[0]()
+            ctl[1](1)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            _openblas()[1](self.saved)
+
+
+def _check_finite(bad: int):
+    """Overflow is reported, not hidden: a kernel like exp(exp(...)) can exceed float64.  The
+    pair kernel counts the non-finite NTK entries as it writes them (no extra pass)."""
+    if bad:
+        warnings.warn(f"{bad} NTK entries are not finite (the recursion overflows float64; the "
+                      "inputs were finite)", RuntimeWarning, stacklevel=3)
+
+
+def _dim_or(dim, default):
+    try:
+        return int(dim)
+    except TypeError:
+        return default
+
+
+@njit(parallel=True, cache=True)
+def _mirror(A):
+    """A[i, j] = A[j, i] below the diagonal, in 64 x 64 tiles (the transposed reads stay in
+    cache); rows of tiles in parallel."""
+    n = A.shape[0]
+    nb = (n + 63) // 64
+    for bi in prange(nb):
+        i0 = bi * 64
+        i1 = min(n, i0 + 64)
+        for bj in range(bi + 1):
+            j0 = bj * 64
+            for i in range(i0, i1):
+                for j in range(j0, min(i, j0 + 64)):
+                    A[i, j] = A[j, i]
+
+
+# ========================================================================== compile()
+_LOADED: dict = {}
+
+
+def compile(derivation, *, rule: str | None = None, radial_order: int | None = None,
+            angular_order: int | None = None, hermite_order: int | None = None,
+            half_order: int | None = None, kd_order: int | None = None, cache: bool = True,
+            params: dict | None = None, warm_up: bool = True) -> CompiledKernel:
+    """Compile ``derivation`` to a :class:`CompiledKernel` (style.md §6; issue 3).
+
+    ``rule``/``*_order``: quadrature for expectations without a closed form (module docstring;
+    defaults in :data:`QUADRATURE`).  Only ``rule`` changes the generated code; the orders are
+    arrays passed at call time.  ``cache=False`` compiles in memory.  ``params`` binds symbols
+    that appear in loop bounds (structural); variances stay call-time parameters.
+    ``warm_up`` compiles now (or loads Numba's cache) instead of at the first call.
+    """
+    from .derivation import Derivation
+    if not isinstance(derivation, Derivation):
+        raise TypeError(f"compile needs a Derivation (symntk.derive(program)), got "
+                        f"{type(derivation).__name__}")
+    options = dict(QUADRATURE)
+    for k, v in dict(rule=rule, radial_order=radial_order, angular_order=angular_order,
+                     hermite_order=hermite_order, half_order=half_order,
+                     kd_order=kd_order).items():
+        if v is not None:
+            options[k] = v
+    for k in ("radial_order", "angular_order", "hermite_order", "half_order", "kd_order"):
+        if int(options[k]) < 1:
+            raise ValueError(f"{k} must be >= 1, got {options[k]}")
+    gen = codegen.generate(derivation, rule=options["rule"], params=params)
+    key = (gen.key, cache and codegen.cache_dir())
+    module, cached = _LOADED.get(key, (None, None))
+    if module is None:
+        module, cached = codegen.load_module(gen, use_cache=cache)
+    kernel = CompiledKernel(derivation, gen, module, cached, options)
+    if warm_up:
+        try:
+            kernel.warm_up()
+        except Exception as exc:          # a corrupted Numba cache file: recompile without it
+            if not cached:
+                raise
+            warnings.warn(f"symntk kernel cache unusable ({type(exc).__name__}: {exc}); "
+                          "compiling without it (the damaged entry is removed)",
+                          codegen.CacheWarning, stacklevel=2)
+            codegen.drop_numba_cache(gen)
+            module, cached = codegen.load_module(gen, use_cache=False)
+            kernel = CompiledKernel(derivation, gen, module, cached, options)
+            kernel.warm_up()
+    _LOADED[key] = (module, cached)
+    return kernel
