@@ -118,13 +118,28 @@ def gram(derivation: Derivation, X1, X2=None, params: dict | None = None,
             return diag
     if X2 is None:
         full = _gram(derivation, X1, X1, params)
+        _refuse_nan(full, diag)
         idx = np.diag_indices(full.ntk.shape[0])
         for K, k in [(full.ntk, diag.ntk), (full.nngp, diag.nngp)] + \
                 [(full.ntk_terms[n], diag.ntk_terms[n]) for n in full.ntk_terms]:
             if K is not None:
                 K[idx] = k
         return full
-    return _gram(derivation, X1, X2, params)
+    result = _gram(derivation, X1, X2, params)
+    _refuse_nan(result)
+    return result
+
+
+def _refuse_nan(*results):
+    """Never a silent wrong number: the closed forms divide by the variances, so an input of zero
+    norm in a network without biases is 0/0 here (the limit exists; the compiled kernel takes it)."""
+    for r in results:
+        for K in (r.ntk, r.nngp):
+            if K is not None and not np.all(np.isfinite(K)):
+                raise ValueError(
+                    "the NumPy reference evaluator produced NaN/inf (an input of zero norm "
+                    "without biases makes a correlation 0/0); use derivation.compile(), whose "
+                    "kernel defines the zero-variance limit")
 
 
 def _diagonal(derivation: Derivation, X, params) -> KernelResult:

@@ -231,3 +231,11 @@ def test_standard_parametrization_against_finite_width():
     mc = symntk.monte_carlo(program, X_PAIR, width=512, n_samples=12, seed=1)
     assert (np.abs(K - mc.ntk_mean) / mc.ntk_sem).max() < 3.0
     assert K[0, 0] > 100                      # O(n), unlike the NTK parametrization
+
+
+def test_zero_input_without_bias_is_refused_not_nan():
+    d = derive(mlp(2, "relu", input_dim=3))
+    with pytest.raises(ValueError, match="zero norm"):
+        d.gram(np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0]]))
+    K = d.compile()(np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0]]))
+    assert np.all(np.isfinite(K.ntk)) and K.ntk[0, 0] == 0.0
