@@ -1793,7 +1793,6 @@ def _module_source(pair: _Plan, diag: _Plan, h: _Hoister, params: list, pair_inp
         else:
             pi_blocks.append(Block(eqs, _LIDX, rng[0], rng[1], 1))
 
-    lines = []
     storage = {}
     alloc = []
     inputs0 = {k for k in pair.families if pair.families[k].cls == 0

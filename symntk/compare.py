@@ -12,7 +12,6 @@ import numpy as np
 import sympy as sp
 
 from .derivation import Derivation, derive
-from .evaluate import KernelResult
 from .gia import GIACheck, gia_check
 from .program import Program
 

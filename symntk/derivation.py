@@ -20,13 +20,12 @@ The result is plain data: ``Derivation`` knows nothing about LaTeX or Numba.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import sympy as sp
 
-from .program import (Bias, Carry, Embedding, FixedReadout, MatMul, Node, Nonlin, Program,
-                      ProgramError, Readout, Repeat, Transpose, Vector, Weight)
-from .zcalculus import Engine, SymbolInfo
+from .program import (Carry, Embedding, MatMul, Node, Program,
+                      ProgramError, Readout, Repeat, Weight)
+from .zcalculus import Engine
 
 __all__ = ["Equation", "Loop", "Derivation", "derive", "FOLD_ITERATIONS"]
 
@@ -372,17 +371,12 @@ def _labels(prog: Program, tags: dict) -> dict:
 
 
 def _stem(node) -> str | None:
-    if isinstance(node, (Weight, Bias)):
-        return node.name
-    if isinstance(node, Carry):
-        return node.name
+    """A node's display name; unnamed MatMuls and Nonlins get an automatic one."""
     name = getattr(node, "name", None)
     if name:
         return name
     if isinstance(node, Embedding):
         return f"{node.weight.name}{node.input.name}"
-    if isinstance(node, MatMul):
-        return None
     return None
 
 
@@ -442,9 +436,12 @@ def _fold(raw: _Raw, unrolled: _Unrolled):
         if it is not None and it >= start:
             by_iter.setdefault(it, []).append((sym, rhs))
 
-    def signature(k, kinds):
+    def part_of(sym):
+        return "bwd" if eng.info[sym].kind == "D" else "fwd"
+
+    def signature(k, part):
         return frozenset((fam_id(meta[s][0]), normalise(r, k)) for s, r in by_iter.get(k, [])
-                         if (eng.info[s].kind == "D") == (kinds == "bwd"))
+                         if part_of(s) == part)
 
     iters = list(range(start, dstop + 1))
     plan = {}
@@ -487,9 +484,6 @@ def _fold(raw: _Raw, unrolled: _Unrolled):
         sub = {s: base_of(meta[s][0])[index_of(meta[s][1], k_ref)]
                for s in expr.free_symbols if s in meta and meta[s][1] is not None}
         return expr.xreplace(sub)
-
-    def part_of(sym):
-        return "bwd" if eng.info[sym].kind == "D" else "fwd"
 
     loop_members = {}
     for part, (lo, hi, _) in plan.items():

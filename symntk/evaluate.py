@@ -82,7 +82,7 @@ def _expectation_nodes(expr):
 
 def _quadrature(node, values, consts, idx):
     """Numeric value of an unevaluated Gaussian expectation, for every input pair at once."""
-    from .quadrature import gaussian_expectation, lambdify_integrand
+    from .quadrature import gaussian_expectation
     integrand, variables, cov = node.args[0], tuple(node.args[1]), node.args[2]
     k = len(variables)
     entries = [[_value(cov[i, j], values, consts, idx) for j in range(k)] for i in range(k)]
@@ -99,7 +99,7 @@ def _quadrature(node, values, consts, idx):
     dummies = [sp.Dummy() for _ in extra]
     body = integrand.xreplace(dict(zip(extra, dummies)))
     vals = [np.asarray(_value(e, values, consts, idx), dtype=np.float64) for e in extra]
-    f = lambdify_integrand(body, tuple(variables) + tuple(dummies))
+    f = _lambdify(tuple(variables) + tuple(dummies), body)
     vals = [np.broadcast_to(v, shape)[..., None] for v in vals]
     return gaussian_expectation(lambda *u: f(*u, *vals), S)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .activations import activation
 from .program import (Bias, FixedReadout, Input, Nonlin, Program, Readout, Weight, nonlin)
 
 __all__ = ["tp2_section_6_3", "square_readout", "ata_v", "semicircle", "tied_readout_embedding",

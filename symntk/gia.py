@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .program import (Embedding, FixedReadout, MatMul, Program, Readout, Transpose, Weight)
+from .program import (Embedding, FixedReadout, MatMul, Program, Readout, Transpose)
 
 __all__ = ["GIACheck", "gia_check"]
 

@@ -171,7 +171,6 @@ def _is_backward(d: Derivation, step) -> bool:
 
 
 def _document(body: str, d: Derivation) -> str:
-    title = sp.latex(sp.Symbol(d.program.name)) if d.program.name else "program"
     return "\n".join([
         r"\documentclass[10pt]{article}",
         r"\usepackage[margin=1.5cm,landscape]{geometry}",

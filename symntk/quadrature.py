@@ -10,9 +10,8 @@ the default degree; kinked f converge slowly, which is why kinked activations ha
 from __future__ import annotations
 
 import numpy as np
-import sympy as sp
 
-__all__ = ["DEFAULT_DEGREE", "gaussian_expectation", "expectation_module"]
+__all__ = ["DEFAULT_DEGREE", "gaussian_expectation"]
 
 #: Points per dimension; 2-D expectations use DEFAULT_DEGREE**2 function evaluations per pair.
 DEFAULT_DEGREE = {1: 96, 2: 64, 3: 24}
@@ -38,13 +37,3 @@ def gaussian_expectation(f, cov: np.ndarray, degree: int | None = None) -> np.nd
     fx = f(*[U[..., i, :] for i in range(k)])
     fx = np.broadcast_to(fx, U.shape[:-2] + (Z.shape[1],))
     return fx @ weights
-
-
-def expectation_module():
-    """A lambdify namespace entry point (the evaluator substitutes expectation nodes itself)."""
-    return {}
-
-
-def lambdify_integrand(integrand: sp.Expr, variables):
-    from .evaluate import _NUMPY
-    return sp.lambdify(list(variables), integrand, modules=[_NUMPY, "numpy"])

@@ -34,7 +34,7 @@ from typing import Callable
 import sympy as sp
 
 from .program import (Bias, Embedding, FixedReadout, Input, MatMul, Moment, Node, Nonlin,
-                      Program, Readout, Transpose, Vector, Weight)
+                      Program, Readout, Transpose, Weight)
 
 __all__ = ["Atom", "KernelKey", "SymbolInfo", "Engine"]
 
@@ -263,7 +263,6 @@ class Engine:
         key = ("moment-cot", node, copy)
         if key not in self._atom_of:
             total = sp.Integer(0)
-            theta = self.moment(node, copy)
             for c in self.consumers[node]:
                 args = [self.z(a, copy) for a in c.inputs]
                 for k, a in enumerate(c.inputs):
