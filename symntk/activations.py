@@ -505,21 +505,26 @@ def activation(spec: str | sympy.Expr | sympy.Lambda) -> sympy.Expr:
 _NOT_DIFFERENTIABLE = (sympy.DiracDelta, sympy.Derivative, sympy.Subs)
 
 
+def partial_derivative(expr: sympy.Expr, var: sympy.Symbol, what: str) -> sympy.Expr:
+    """``d expr / d var``, refused unless it is an ordinary function.
+
+    The NTK needs the weak derivatives of every nonlinearity polynomially bounded (TP2 Cor. 7.3),
+    so a derivative containing ``DiracDelta`` (a jump, as in ``step`` or ``sign``), an unevaluated
+    ``Derivative`` or a ``Subs`` raises :class:`ValueError` naming ``what``.
+    """
+    d = sympy.diff(expr, var)
+    bad = sorted({type(a).__name__ for a in d.atoms(*_NOT_DIFFERENTIABLE)})
+    if bad:
+        raise ValueError(f"{what} {expr} is not differentiable in the sense the NTK needs: "
+                         f"its derivative {d} contains {', '.join(bad)}")
+    return d
+
+
 def derivative(spec: str | sympy.Expr | sympy.Lambda) -> sympy.Expr:
     """``phi'(x) = d phi / dx`` for any ``spec`` accepted by :func:`activation`.
 
     With the real :data:`X`, ``relu' = Heaviside(x)``, ``|x|' = sign(x)`` and
-    ``leaky_relu' = Heaviside(x) + alpha*Heaviside(-x)``.  The NTK needs ``phi'``
-    polynomially bounded (TP2 Cor. 7.3), so a derivative containing ``DiracDelta``
-    (``step``, ``sign``), an unevaluated ``Derivative`` or a ``Subs`` raises
-    :class:`ValueError` naming the activation.
+    ``leaky_relu' = Heaviside(x) + alpha*Heaviside(-x)``; see :func:`partial_derivative` for
+    what is refused.
     """
-    expr = activation(spec)
-    d = sympy.diff(expr, X)
-    bad = sorted({type(a).__name__ for a in d.atoms(*_NOT_DIFFERENTIABLE)})
-    if bad:
-        raise ValueError(
-            f"activation {expr} is not differentiable in the sense the NTK needs: "
-            f"its derivative {d} contains {', '.join(bad)}"
-        )
-    return d
+    return partial_derivative(activation(spec), X, "activation")

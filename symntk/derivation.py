@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .program import (Carry, Embedding, MatMul, Node, Program,
-                      ProgramError, Readout, Repeat, Weight)
+from .parametrization import bias_factor, weight_factor
+from .program import (Carry, Embedding, FixedReadout, MatMul, Node, Program, ProgramError, Readout,
+                      Repeat, VectorReadout, Weight)
 from .zcalculus import Engine
 
 __all__ = ["Equation", "Loop", "Derivation", "derive", "FOLD_ITERATIONS"]
@@ -214,18 +215,6 @@ def _tag(template, inst, rep: Repeat, key: Repeat, k: int, tags: dict):
 
 
 # ----------------------------------------------------------------------------------- derive
-_FACTOR = {
-    "ntk": lambda p: p.variance,                               # Jacot / Neural Tangents
-    "tp": lambda p: sp.Integer(1),                             # Tensor Programs / NTK4A
-    "standard": lambda p: getattr(p, "fan_in", sp.Integer(1)),  # trained directly
-}
-_BIAS_FACTOR = {
-    "ntk": lambda b: b.variance,
-    "tp": lambda b: sp.Integer(1),
-    "standard": lambda b: sp.Integer(1),
-}
-
-
 def derive(program: Program, mode: str = "gia", fold: bool = True) -> Derivation:
     """Derive the NNGP and NTK recursions of ``program`` (theory §2-3, TP2 Eq. 12).
 
@@ -285,20 +274,7 @@ def _derive_unrolled(unrolled: _Unrolled, mode: str, same_input: bool = False) -
     labels = _labels(prog, unrolled.tags)
     eng = Engine(prog, lambda n: labels[n][0] + (str(labels[n][1]) if labels[n][1] is not None else ""),
                  same_input=same_input, mode=mode)
-    out = prog.output
-    x = out.vector
-    terms: dict[str, sp.Expr] = {}
-    nngp = None
-    if isinstance(out, Readout) and not out.trained and out.bias is not None:
-        terms[out.bias.name] = _BIAS_FACTOR[out.bias.parametrization](out.bias)
-    if isinstance(out, Readout) and out.trained:
-        c_out = eng.expect(eng.z(x, 0) * eng.z(x, 1))
-        v = out.weight
-        nngp = v.variance * c_out
-        terms[_param_name(v, unrolled)] = _FACTOR[v.parametrization](v) * c_out
-        if out.bias is not None:
-            nngp += out.bias.variance
-            terms[out.bias.name] = _BIAS_FACTOR[out.bias.parametrization](out.bias)
+    nngp, terms = READOUT_TERMS[type(prog.output)](eng, prog.output, unrolled)
     # Weights: TP2 Eq. (12), every pair of uses.
     uses: dict[Weight, list[Node]] = {}
     for n in prog.nodes:
@@ -310,13 +286,41 @@ def _derive_unrolled(unrolled: _Unrolled, mode: str, same_input: bool = False) -
             for u2 in ws:
                 total += _use_pair(eng, u, u2)
         name = _param_name(w, unrolled)
-        terms[name] = terms.get(name, 0) + _FACTOR[w.parametrization](w) * total
+        terms[name] = terms.get(name, 0) + \
+            weight_factor(w.parametrization, w.variance, w.fan_in) * total
     for b in prog.biases:
         d = eng.expect(eng.dz(b, 0) * eng.dz(b, 1))
         name = _param_name(b, unrolled)
-        terms[name] = terms.get(name, 0) + _BIAS_FACTOR[b.parametrization](b) * d
+        terms[name] = terms.get(name, 0) + bias_factor(b.parametrization, b.variance) * d
     return _Raw(prog, mode, eng, unrolled, nngp, terms,
                 {s: _display(eng, s, labels) for s in eng.info})
+
+
+def _output_bias_terms(out, nngp, terms: dict):
+    """b_out: NNGP + sigma_b^2, NTK + the bias factor (df/db_out = 1)."""
+    if out.bias is not None:
+        terms[out.bias.name] = bias_factor(out.bias.parametrization, out.bias.variance)
+        if nngp is not None:
+            nngp += out.bias.variance
+    return nngp, terms
+
+
+def _trained_readout_terms(eng: Engine, out: Readout, unrolled: _Unrolled):
+    """f = v . x / sqrt(n): NNGP sigma_v^2 C[x, x'] (TP1 Cor. 5.5); NTK term factor_v C[x, x']."""
+    v, x = out.weight, out.vector
+    c_out = eng.expect(eng.z(x, 0) * eng.z(x, 1))
+    terms = {_param_name(v, unrolled): weight_factor(v.parametrization, v.variance, v.fan_in) * c_out}
+    return _output_bias_terms(out, v.variance * c_out, terms)
+
+
+#: readout kind -> (engine, readout, unrolled) -> (NNGP or None, {parameter: NTK term}).  Only a
+#: trained zero-mean readout makes the output a centred GP with an NNGP kernel (TP1 Cor. 5.5);
+#: the other readouts' parameters are the network's own, counted with every other weight.
+READOUT_TERMS = {
+    Readout: _trained_readout_terms,
+    VectorReadout: lambda eng, out, unrolled: _output_bias_terms(out, None, {}),
+    FixedReadout: lambda eng, out, unrolled: (None, {}),
+}
 
 
 def _use_pair(eng: Engine, u: Node, u2: Node) -> sp.Expr:

@@ -37,8 +37,10 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import sympy as sp
 
+from .parametrization import bias_factor, raw_weight_factor
 from .program import (PARAMETRIZATIONS, Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment,
-                      Node, Nonlin, OutputBias, Program, Readout, Transpose, Weight)
+                      Node, Nonlin, OutputBias, Program, Readout, READOUTS, Transpose,
+                      VectorReadout, Weight)
 
 __all__ = ["FiniteNetwork", "EmpiricalNTK", "MonteCarloKernel", "sample", "empirical_ntk",
            "monte_carlo", "ntk_factor"]
@@ -212,15 +214,12 @@ def _as_vector(value, shape) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- parametrization
 def ntk_factor(param: Param, parametrization: str, variance: float, fan_in: int) -> float:
-    """s^2 in NTK term = s^2 <dF/dW, dF'/dW>, where W = s * omega and omega is trained (theory §1.5).
-
-    ``fan_in`` is ignored for biases and the output bias.
+    """s^2 in NTK term = s^2 <dF/dW, dF'/dW>, where W = s * omega and omega is trained
+    (see :mod:`symntk.parametrization`).  ``fan_in`` is ignored for biases and the output bias.
     """
-    if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"unknown parametrization {parametrization!r}; expected one of {PARAMETRIZATIONS}")
     if isinstance(param, Weight):
-        return {"ntk": variance / fan_in, "tp": 1.0 / fan_in, "standard": 1.0}[parametrization]
-    return {"ntk": variance, "tp": 1.0, "standard": 1.0}[parametrization]
+        return float(raw_weight_factor(parametrization, variance, fan_in))
+    return float(bias_factor(parametrization, variance))
 
 
 # ----------------------------------------------------------------------------- forward rules
@@ -310,6 +309,45 @@ _BACKWARD = {Input: _bwd_input, Embedding: _bwd_embedding, MatMul: _bwd_matmul, 
              Nonlin: _bwd_nonlin, Moment: _bwd_moment}
 
 
+# ----------------------------------------------------------------------------- readouts
+# f(X) (without the output bias) and the seed of reverse mode, per readout kind.
+def _fwd_readout(net, out: Readout, env):
+    return env[out.vector] @ net._params[out.weight][0]  # V = v^T / sqrt(n), stored (1, n)
+
+
+def _fwd_vector_readout(net, out: VectorReadout, env):
+    h = env[out.vector]  # the readout vector u is computed by the network: f = u . h / sqrt(n)
+    return (env[out.weight] * h).sum(axis=1) / np.sqrt(h.shape[1])
+
+
+def _fwd_fixed_readout(net, out: FixedReadout, env):
+    h = env[out.vector]
+    return h.sum(axis=1) / np.sqrt(h.shape[1])  # f = sum_alpha h_alpha / sqrt(n)
+
+
+def _bwd_readout(net, out: Readout, env, tape, n):
+    V, ones = net._params[out.weight], np.ones((n, 1))
+    tape.add(out.vector, ones @ V)               # df/dh = V
+    tape.use(out.weight, ones, env[out.vector])  # f = V h: dF/dV = 1 outer h
+
+
+def _bwd_vector_readout(net, out: VectorReadout, env, tape, n):
+    root = np.sqrt(net.dim(out.vector))
+    tape.add(out.vector, env[out.weight] / root)   # f = u . h / sqrt(n)
+    tape.add(out.weight, env[out.vector] / root)
+
+
+def _bwd_fixed_readout(net, out: FixedReadout, env, tape, n):
+    d = net.dim(out.vector)
+    tape.add(out.vector, np.full((n, d), 1.0 / np.sqrt(d)))
+
+
+_READOUT_FORWARD = {Readout: _fwd_readout, VectorReadout: _fwd_vector_readout,
+                    FixedReadout: _fwd_fixed_readout}
+_READOUT_BACKWARD = {Readout: _bwd_readout, VectorReadout: _bwd_vector_readout,
+                     FixedReadout: _bwd_fixed_readout}
+
+
 class _Tape:
     """Reverse-mode state for one batch: cotangents of vectors and the raw parameter gradients.
 
@@ -388,7 +426,7 @@ class FiniteNetwork:
     def readout_is_zero_mean(self) -> bool:
         """True for a trained Readout (zero-mean v): then E f f'^T is the NNGP (theory §2.3)."""
         out = self.program.output
-        return isinstance(out, Readout) and out.trained
+        return isinstance(out, Readout)
 
     def dim(self, node) -> int:
         d = self._dims.get(node)
@@ -480,22 +518,12 @@ class FiniteNetwork:
             rule = _FORWARD.get(type(node))
             if rule is not None and node not in env:
                 env[node] = rule(self, node, env, n)
-            elif rule is None and not isinstance(node, (Weight, Transpose, OutputBias, Readout,
-                                                        FixedReadout)):
+            elif rule is None and not isinstance(node, (Weight, Transpose, OutputBias, *READOUTS)):
                 raise TypeError(f"the finite-width simulator has no rule for {type(node).__name__}")
         out = self.program.output
-        h = env[out.vector]
-        if isinstance(out, Readout) and out.trained:
-            f = h @ self._params[out.weight][0]  # V = v^T / sqrt(n) is stored as a (1, n) matrix
-            if out.bias is not None:
-                f = f + self._params[out.bias]
-        elif isinstance(out, Readout):
-            # the readout vector u is computed by the network: f = u . h / sqrt(n)
-            f = (env[out.weight] * h).sum(axis=1) / np.sqrt(h.shape[1])
-            if out.bias is not None:
-                f = f + self._params[out.bias]
-        else:
-            f = h.sum(axis=1) / np.sqrt(h.shape[1])  # f = sum_alpha h_alpha / sqrt(n)
+        f = _READOUT_FORWARD[type(out)](self, out, env)
+        if out.bias is not None:
+            f = f + self._params[out.bias]
         return f, env, n
 
     def __call__(self, X) -> np.ndarray:
@@ -509,23 +537,9 @@ class FiniteNetwork:
         f, env, n = self._forward(X)
         tape = _Tape(self._params)
         out = self.program.output
-        h = out.vector
-        if isinstance(out, Readout) and out.trained:
-            V = self._params[out.weight]
-            ones = np.ones((n, 1))
-            tape.add(h, ones @ V)            # df/dh = V
-            tape.use(out.weight, ones, env[h])  # f = V h: dF/dV = 1 outer h
-            if out.bias is not None:
-                tape.bias(out.bias, ones)
-        elif isinstance(out, Readout):
-            root = np.sqrt(self.dim(h))
-            tape.add(h, env[out.weight] / root)   # f = u . h / sqrt(n)
-            tape.add(out.weight, env[h] / root)
-            if out.bias is not None:
-                tape.bias(out.bias, np.ones((n, 1)))
-        else:
-            d = self.dim(h)
-            tape.add(h, np.full((n, d), 1.0 / np.sqrt(d)))
+        _READOUT_BACKWARD[type(out)](self, out, env, tape, n)
+        if out.bias is not None:
+            tape.bias(out.bias, np.ones((n, 1)))
         for node in reversed(self.program.nodes):
             G = tape.cot.get(node)
             if G is not None:

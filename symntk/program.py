@@ -36,13 +36,14 @@ import sympy as sp
 from sympy import Basic, Lambda, Symbol, Tuple
 from sympy.core.symbol import Str
 
+from .parametrization import PARAMETRIZATIONS
+
 __all__ = [
     "ProgramError", "Node", "Vector", "Input", "Weight", "Transpose", "Embedding", "Bias",
-    "MatMul", "Nonlin", "Moment", "Carry", "Repeat", "Readout", "FixedReadout", "OutputBias",
+    "MatMul", "Nonlin", "Moment", "Carry", "Repeat", "Readout", "VectorReadout", "FixedReadout",
+    "READOUTS", "OutputBias",
     "Program", "nonlin", "repeat", "PARAMETRIZATIONS", "WIDTH",
 ]
-
-PARAMETRIZATIONS = ("ntk", "tp", "standard")
 
 #: The default width symbol of hidden layers.
 WIDTH = Symbol("n", positive=True, integer=True)
@@ -93,6 +94,9 @@ def _parametrization(p: str) -> Str:
 
 class Node(Basic):
     """Base class of every IR node."""
+
+    #: The vectors (and Moment scalars) this node reads, whose cotangents it feeds in backprop.
+    operands: tuple = ()
 
     def label(self) -> str:
         """A short human name for error messages and printing."""
@@ -317,6 +321,10 @@ class MatMul(Vector):
     name = property(lambda self: self.args[2].name or None)
 
     @property
+    def operands(self) -> tuple:
+        return (self.vector,)
+
+    @property
     def weight(self) -> Weight:
         m = self.matrix
         return m.weight if isinstance(m, Transpose) else m
@@ -360,6 +368,7 @@ class Nonlin(Vector):
 
     phi = property(lambda self: self.args[0])
     inputs = property(lambda self: tuple(self.args[1]))
+    operands = inputs
     dim = property(lambda self: next(a for a in self.args[1] if isinstance(a, Vector)).dim)
     name = property(lambda self: self.args[2].name or None)
 
@@ -384,6 +393,7 @@ class Moment(Node):
 
     psi = property(lambda self: self.args[0])
     inputs = property(lambda self: tuple(self.args[1]))
+    operands = inputs
     name = property(lambda self: self.args[2].name or None)
 
     def label(self):
@@ -486,36 +496,42 @@ class OutputBias(Node):
         return self.name
 
 
-class Readout(Node):
-    """f = v^T h / sqrt(n) + b_out.
+def _readout_vector(vec) -> None:
+    if not isinstance(vec, Vector):
+        raise ProgramError(f"a readout reads a width-space vector, got {type(vec).__name__}")
 
-    ``weight`` is either a trained ``Weight`` v (fan_out 1): the independent, zero-mean readout of
-    theory §2.3 that the Simple GIA Check asks for; or a ``Vector`` of the program itself (e.g. a
-    readout tied to the input embedding), which has no parameter of its own and breaks the check.
+
+def _output_bias(bias):
+    if bias is not None and bias != Str("") and not isinstance(bias, OutputBias):
+        raise ProgramError(f"a readout bias must be an OutputBias, got {type(bias).__name__}")
+    return bias if isinstance(bias, OutputBias) else Str("")
+
+
+class Readout(Node):
+    """f = v^T h / sqrt(n) + b_out with v a trained ``Weight`` (fan_out 1): the independent,
+    zero-mean readout of TP1 Cor. 5.5 that the Simple GIA Check asks for (TP2 Condition 1).
+
+    ``Readout(u, h)`` with ``u`` a ``Vector`` of the program builds a :class:`VectorReadout`.
     """
 
     def __new__(cls, weight, vec: Vector, bias: OutputBias | None = None):
-        if not isinstance(weight, (Weight, Vector)):
+        if isinstance(weight, Vector):
+            return VectorReadout(weight, vec, bias)
+        if not isinstance(weight, Weight):
             raise ProgramError(f"a readout needs a Weight or a Vector, got {type(weight).__name__}")
-        if not isinstance(vec, Vector):
-            raise ProgramError(f"a readout reads a width-space vector, got {type(vec).__name__}")
-        if isinstance(weight, Weight):
-            if sp.simplify(weight.fan_in - vec.dim) != 0:
-                raise ProgramError(f"dimension mismatch in readout {weight.label()}: fan_in "
-                                   f"{weight.fan_in} != dimension {vec.dim} of {vec.label()}")
-            if weight.fan_out != 1:
-                raise ProgramError(f"readout {weight.label()} must have fan_out 1 (one output)")
-        elif sp.simplify(weight.dim - vec.dim) != 0:
-            raise ProgramError(f"readout vector {weight.label()} and {vec.label()} differ in dimension")
-        return super().__new__(cls, weight, vec, bias if isinstance(bias, OutputBias) else Str(""))
+        _readout_vector(vec)
+        if sp.simplify(weight.fan_in - vec.dim) != 0:
+            raise ProgramError(f"dimension mismatch in readout {weight.label()}: fan_in "
+                               f"{weight.fan_in} != dimension {vec.dim} of {vec.label()}")
+        if weight.fan_out != 1:
+            raise ProgramError(f"readout {weight.label()} must have fan_out 1 (one output)")
+        return super().__new__(cls, weight, vec, _output_bias(bias))
 
     weight = property(lambda self: self.args[0])
     vector = property(lambda self: self.args[1])
-
-    @property
-    def trained(self) -> bool:
-        """True for an independent trained readout weight v, False for a program vector."""
-        return isinstance(self.args[0], Weight)
+    operands = property(lambda self: (self.args[1],))
+    #: an independent trained readout weight (zero mean, used nowhere else)
+    trained = True
 
     @property
     def bias(self) -> OutputBias | None:
@@ -523,21 +539,45 @@ class Readout(Node):
         return b if isinstance(b, OutputBias) else None
 
 
+class VectorReadout(Node):
+    """f = u^T h / sqrt(n) + b_out with ``u`` a vector computed by the program itself (e.g. a
+    readout tied to the input embedding).  It has no parameter of its own, and u is not an
+    independent zero-mean weight, so the Simple GIA Check fails (TP2 §6.3, TP3 App. C)."""
+
+    def __new__(cls, weight: Vector, vec: Vector, bias: OutputBias | None = None):
+        _readout_vector(weight)
+        _readout_vector(vec)
+        if sp.simplify(weight.dim - vec.dim) != 0:
+            raise ProgramError(f"readout vector {weight.label()} and {vec.label()} differ in dimension")
+        return super().__new__(cls, weight, vec, _output_bias(bias))
+
+    weight = property(lambda self: self.args[0])
+    vector = property(lambda self: self.args[1])
+    operands = property(lambda self: (self.args[1], self.args[0]))
+    trained = False
+    bias = Readout.bias
+
+
 class FixedReadout(Node):
     """f = sum_alpha h_alpha / sqrt(n): an untrained all-ones readout.
 
     Its cotangent is d h = sqrt(n) df/dh = 1, a nonzero-mean readout, so the Simple GIA Check fails
-    (theory §4): the NTK derived under GIA may be wrong.
+    (TP2 §6.3): the NTK derived under GIA may be wrong.
     """
 
     def __new__(cls, vec: Vector):
-        if not isinstance(vec, Vector):
-            raise ProgramError(f"a readout reads a width-space vector, got {type(vec).__name__}")
+        _readout_vector(vec)
         return super().__new__(cls, vec)
 
     vector = property(lambda self: self.args[0])
+    operands = property(lambda self: (self.args[0],))
     weight = None
     bias = None
+    trained = False
+
+
+#: Every kind of program output.
+READOUTS = (Readout, VectorReadout, FixedReadout)
 
 
 # ----------------------------------------------------------------------------------- program
@@ -550,9 +590,10 @@ class Program:
     """
 
     def __init__(self, output, name: str = "program", require_input: bool = True):
-        if not isinstance(output, (Readout, FixedReadout)):
+        if not isinstance(output, READOUTS):
             raise ProgramError(
-                f"the program output must be a Readout or FixedReadout, got {type(output).__name__}"
+                f"the program output must be a readout ({', '.join(r.__name__ for r in READOUTS)}), "
+                f"got {type(output).__name__}"
                 " (a vector must be read out to give the network's scalar output)")
         self.output = output
         self.name = name

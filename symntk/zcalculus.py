@@ -33,10 +33,11 @@ from typing import Callable
 
 import sympy as sp
 
+from .activations import partial_derivative
 from .program import (Bias, Embedding, FixedReadout, Input, MatMul, Moment, Node, Nonlin,
-                      Program, Readout, Transpose, Weight)
+                      Program, Readout, VectorReadout)
 
-__all__ = ["Atom", "KernelKey", "SymbolInfo", "Engine"]
+__all__ = ["Atom", "KernelKey", "SymbolInfo", "Engine", "FORWARD", "COTANGENT"]
 
 #: Input copies: 0 is xi, 1 is xi'.  Kernels are derived for the pair.
 COPIES = (0, 1)
@@ -52,6 +53,7 @@ class Atom:
     block: object = None      # base atoms: the independence block (a Weight, Transpose, Bias, ...)
     arg: object = None        # base MatMul atoms: the atom multiplied by the matrix
     order: int = 0            # expansion order: later atoms are expanded first
+    covariance: Callable | None = None  # base atoms: (engine, A, B) -> Cov within the block
 
 
 @dataclass(frozen=True)
@@ -112,18 +114,11 @@ class Engine:
 
     # ------------------------------------------------------------------ graph bookkeeping
     def _consumers(self) -> dict[Node, list[Node]]:
+        """node -> the nodes that read it (its uses, whose cotangent contributions it sums)."""
         consumers: dict[Node, list[Node]] = {n: [] for n in self.nodes}
         for n in self.nodes:
-            if isinstance(n, Nonlin):
-                for a in dict.fromkeys(n.inputs):
-                    consumers[a].append(n)
-            elif isinstance(n, (MatMul, Readout, FixedReadout)):
-                consumers[n.vector].append(n)
-                if isinstance(n, Readout) and not n.trained:
-                    consumers[n.weight].append(n)
-            elif isinstance(n, Moment):
-                for a in dict.fromkeys(n.inputs):
-                    consumers[a].append(n)
+            for a in dict.fromkeys(n.operands):
+                consumers[a].append(n)
         return consumers
 
     def _fresh_name(self, stem: str) -> str:
@@ -137,46 +132,26 @@ class Engine:
 
     # ------------------------------------------------------------------ atoms
     def z(self, node: Node, copy: int) -> sp.Expr:
-        """Z^node for input copy ``copy`` as an expression in atoms (forward pass)."""
+        """Z^node for input copy ``copy`` as an expression in atoms (forward pass, TP2 Box 1)."""
         copy = 0 if self.same_input else copy
-        key = ("fwd", node, copy)
-        if key in self._atom_of:
-            return self._atom_of[key]
-        order = self.position[node]
-        if isinstance(node, Embedding):
-            sym = self._new_atom(Atom("base", node, copy, block=node.weight, order=order),
-                                 f"Z_{self.label(node)}_{copy}")
-        elif isinstance(node, Bias):
-            key = ("fwd", node, None)
-            if key in self._atom_of:
-                return self._atom_of[key]
-            sym = self._new_atom(Atom("base", node, None, block=node, order=order),
-                                 f"Z_{self.label(node)}")
-        elif isinstance(node, MatMul):
-            arg = self.z(node.vector, copy)
-            hat = self._new_atom(Atom("base", node, copy, block=node.matrix, arg=arg, order=order),
-                                 f"Zhat_{self.label(node)}_{copy}")
-            sym = self._with_zdot(hat, f"Z_{self.label(node)}_{copy}")
-        elif isinstance(node, Nonlin):
-            args = [self.z(a, copy) for a in node.inputs]
-            definition = node.phi(*args)
-            kind = "lincomb" if self._is_lincomb(definition) else "opaque"
-            sym = self._new_atom(Atom(kind, node, copy, order=order), f"Z_{self.label(node)}_{copy}")
-            self.definitions[sym] = definition
-        elif isinstance(node, Moment):
-            return self.moment(node, copy)
-        else:
-            raise TypeError(f"no Z rule for {type(node).__name__}")
-        self._atom_of[key] = sym
-        return sym
+        key = ("fwd", node, None if isinstance(node, Bias) else copy)
+        if key not in self._atom_of:
+            rule = FORWARD.get(type(node))
+            if rule is None:
+                raise TypeError(f"the Z calculus has no forward rule for {type(node).__name__}")
+            self._atom_of[key] = rule(self, node, copy)
+        return self._atom_of[key]
 
-    def _new_atom(self, atom: Atom, name: str) -> sp.Symbol:
+    def new_atom(self, atom: Atom, name: str, definition: sp.Expr | None = None) -> sp.Symbol:
+        """A fresh atom symbol; non-base atoms carry their ``definition`` in earlier atoms."""
         sym = _real_symbol(self._fresh_name(name))
         self.atoms[sym] = atom
+        if definition is not None:
+            self.definitions[sym] = definition
         return sym
 
-    def _is_lincomb(self, expr: sp.Expr) -> bool:
-        """A linear form (no constant term) in Gaussian atoms is Gaussian (TP1 LinComb)."""
+    def is_lincomb(self, expr: sp.Expr) -> bool:
+        """A linear form (no constant term) in Gaussian atoms is Gaussian (TP1's LinComb)."""
         atoms = [s for s in expr.free_symbols if s in self.atoms]
         if not atoms or any(self.atoms[s].kind == "opaque" for s in atoms):
             return False
@@ -184,12 +159,11 @@ class Engine:
         return poly is not None and poly.total_degree() == 1 and poly.coeff_monomial(1) == 0
 
     def dz(self, node: Node, copy: int) -> sp.Expr:
-        """Z^{dx} for the cotangent dx = sqrt(n) df/dx of ``node`` (backward pass, GIA).
+        """Z^{dx} for the cotangent dx = sqrt(n) df/dx of ``node`` (backward pass, TP2 §6.1).
 
-        Sums the node's uses (theory §3.2): a Nonlin consumer y = phi(..x..) gives
-        d_k phi(Z) Z^{dy}; a MatMul consumer y = W x gives the base Gaussian Z^{W^T dy}, which GIA
-        places in the block of W^T, independent of every forward block (theory §3.3); the trained
-        readout gives Z^v; the fixed readout gives 1.
+        The sum, over the node's uses, of each consumer's contribution (the ``COTANGENT`` table):
+        a chain-rule factor times the consumer's own cotangent, a W^T dy base Gaussian, or the
+        readout's seed.
         """
         copy = 0 if self.same_input else copy
         key = ("bwd", node, copy)
@@ -197,37 +171,10 @@ class Engine:
             return self._atom_of[key]
         terms = []
         for c in self.consumers[node]:
-            if isinstance(c, Nonlin):
-                args = [self.z(a, copy) for a in c.inputs]
-                grad = 0
-                for k, a in enumerate(c.inputs):
-                    if a == node:
-                        var = c.phi.variables[k]
-                        grad += _derivative(c.phi.expr, var, c).subs(
-                            dict(zip(c.phi.variables, args)), simultaneous=True)
-                terms.append(grad * self.dz(c, copy))
-            elif isinstance(c, MatMul):
-                terms.append(self._transpose_atom(c, copy))
-            elif isinstance(c, Readout) and c.trained:
-                terms.append(self._readout_atom(c))
-            elif isinstance(c, Readout):
-                # f = u.h / sqrt(n) with u a program vector: dh gets Z^u and du gets Z^h.
-                if node == c.vector:
-                    terms.append(self.z(c.weight, copy))
-                if node == c.weight:
-                    terms.append(self.z(c.vector, copy))
-            elif isinstance(c, FixedReadout):
-                terms.append(sp.Integer(1))
-            elif isinstance(c, Moment):
-                # theta = (1/n) sum psi(x): sqrt(n) df/dx_alpha through theta is
-                # [(1/n) sum_beta dy_beta d_theta phi_beta] psi'(x_alpha) -> c_theta psi'(Z^x).
-                args = [self.z(a, copy) for a in c.inputs]
-                grad = 0
-                for k, a in enumerate(c.inputs):
-                    if a == node:
-                        grad += _derivative(c.psi.expr, c.psi.variables[k], c).subs(
-                            dict(zip(c.psi.variables, args)), simultaneous=True)
-                terms.append(self.moment_cotangent(c, copy) * grad)
+            rule = COTANGENT.get(type(c))
+            if rule is None:
+                raise TypeError(f"the Z calculus has no backward rule for {type(c).__name__}")
+            terms.append(rule(self, c, node, copy))
         definition = sp.Add(*terms)
         # A cotangent that is exactly one other atom is that atom, and a constant one (a fixed
         # readout's) is that constant: no alias symbols in the output.
@@ -235,11 +182,20 @@ class Engine:
             sym = definition
         else:
             order = 2 * len(self.nodes) - self.position[node]
-            sym = self._new_atom(Atom("opaque", node, copy, backward=True, order=order),
-                                 f"dZ_{self.label(node)}_{copy}")
-            self.definitions[sym] = definition
+            sym = self.new_atom(Atom("opaque", node, copy, backward=True, order=order),
+                                f"dZ_{self.label(node)}_{copy}", definition)
         self._atom_of[key] = sym
         return sym
+
+    def chain_factor(self, consumer: Node, fn: sp.Lambda, node: Node, copy: int) -> sp.Expr:
+        """sum_k d fn / d arg_k at Z, over the arguments of ``consumer`` that are ``node``."""
+        args = [self.z(a, copy) for a in consumer.inputs]
+        grad = sp.Integer(0)
+        for var, a in zip(fn.variables, consumer.inputs):
+            if a == node:
+                d = partial_derivative(fn.expr, var, f"the nonlinearity of {consumer.label()!r}:")
+                grad += d.subs(dict(zip(fn.variables, args)), simultaneous=True)
+        return grad
 
     def moment(self, node: Moment, copy: int) -> sp.Expr:
         """theta = E psi(Z^{h1}, ...), a deterministic scalar per input (TP2 Box 2, theory §1.3)."""
@@ -262,18 +218,12 @@ class Engine:
         copy = 0 if self.same_input else copy
         key = ("moment-cot", node, copy)
         if key not in self._atom_of:
-            total = sp.Integer(0)
-            for c in self.consumers[node]:
-                args = [self.z(a, copy) for a in c.inputs]
-                for k, a in enumerate(c.inputs):
-                    if a == node:
-                        d = _derivative(c.phi.expr, c.phi.variables[k], c).subs(
-                            dict(zip(c.phi.variables, args)), simultaneous=True)
-                        total += self.expect(d * self.dz(c, copy))
-            self._atom_of[key] = total
+            self._atom_of[key] = sp.Add(*[
+                self.expect(self.chain_factor(c, c.phi, node, copy) * self.dz(c, copy))
+                for c in self.consumers[node]])
         return self._atom_of[key]
 
-    def _transpose_atom(self, use: MatMul, copy: int) -> sp.Symbol:
+    def transpose_atom(self, use: MatMul, copy: int) -> sp.Symbol:
         """Z^{M^T dy} for the forward use y = M x; its block is M^T (a fresh matrix under GIA)."""
         key = ("bwd-matmul", use, copy)
         if key not in self._atom_of:
@@ -281,14 +231,15 @@ class Engine:
             matrix = use.matrix.T
             order = 2 * len(self.nodes) - self.position[use]
             # W^T dy is (a term of) the gradient of the vector W multiplied: name it after that.
-            hat = self._new_atom(
-                Atom("base", use.vector, copy, backward=True, block=matrix, arg=dy, order=order),
+            hat = self.new_atom(
+                Atom("base", use.vector, copy, backward=True, block=matrix, arg=dy, order=order,
+                     covariance=_cov_matmul),
                 f"Zhat_{self.label(use.vector)}_T_{copy}")
-            self._atom_of[key] = self._with_zdot(hat, f"Z_{self.label(use)}_T_{copy}")
+            self._atom_of[key] = self.with_zdot(hat, f"Z_{self.label(use)}_T_{copy}")
         return self._atom_of[key]
 
     # ------------------------------------------------------------------ exact mode: Zdot
-    def _with_zdot(self, hat: sp.Symbol, name: str) -> sp.Symbol:
+    def with_zdot(self, hat: sp.Symbol, name: str) -> sp.Symbol:
         """Z^{Mx} = Zhat^{Mx} + Zdot^{Mx} in exact mode (TP3 Box 1, ZDot):
 
             Zdot^{Mx} = sigma_M^2 sum_{M^T y in the program} Z^y E[dZ^x / dZhat^{M^T y}],
@@ -313,8 +264,8 @@ class Engine:
         dot = sp.Add(*terms)
         if dot == 0:
             return hat
-        sym = self._new_atom(Atom("opaque", A.node, A.copy, backward=A.backward, order=A.order), name)
-        self.definitions[sym] = hat + dot
+        sym = self.new_atom(Atom("opaque", A.node, A.copy, backward=A.backward, order=A.order),
+                            name, hat + dot)
         self.zdot[sym] = dot
         self.hats.add(hat)
         return sym
@@ -352,12 +303,13 @@ class Engine:
             self._dbase[key] = self._d(self.definitions[s], base)
         return self._dbase[key]
 
-    def _readout_atom(self, readout: Readout) -> sp.Symbol:
+    def readout_atom(self, readout: Readout) -> sp.Symbol:
+        """Z^v of a trained readout weight: a base Gaussian of its own block, N(0, sigma_v^2)."""
         key = ("readout", readout.weight)
         if key not in self._atom_of:
-            self._atom_of[key] = self._new_atom(
-                Atom("base", readout.weight, None, backward=True, block=readout.weight, order=-1),
-                f"Z_{readout.weight.name}")
+            self._atom_of[key] = self.new_atom(
+                Atom("base", readout.weight, None, backward=True, block=readout.weight, order=-1,
+                     covariance=_cov_setup), f"Z_{readout.weight.name}")
         return self._atom_of[key]
 
     # ------------------------------------------------------------------ dependencies
@@ -433,7 +385,11 @@ class Engine:
 
     # ------------------------------------------------------------------ covariance of Gaussians
     def cov(self, a: sp.Symbol, b: sp.Symbol) -> sp.Expr:
-        """Cov(Z^a, Z^b) for Gaussian atoms (theory §2.1 rule 2, §2.2, §3.3)."""
+        """Cov(Z^a, Z^b) for Gaussian atoms (TP2 Box 1 MatMul rule; TP2 Eq. 18 for the Setup).
+
+        A LinComb is expanded bilinearly; base Gaussians of different blocks are independent, and
+        within a block the ``COVARIANCE`` table, keyed by the block's kind, gives the covariance.
+        """
         A, B = self.atoms[a], self.atoms[b]
         if A.kind == "lincomb" and B.kind == "lincomb":
             return self.second_moment(a, b)
@@ -442,16 +398,7 @@ class Engine:
             return self._bilinear(self.definitions[lin], other)
         if A.block != B.block:
             return sp.Integer(0)
-        block = A.block
-        if isinstance(block, Bias):
-            return block.variance
-        if isinstance(block, Weight) and A.kind == "base" and isinstance(A.node, Embedding):
-            return block.variance * self.input_kernel(A.node.input, A.copy, B.copy)
-        if isinstance(block, Weight) and A.arg is None:      # the readout weight v
-            return block.variance
-        if isinstance(block, (Weight, Transpose)):
-            return block.variance * self.expect(A.arg * B.arg)
-        raise TypeError(f"no covariance rule for block {block}")
+        return A.covariance(self, A, B)
 
     def _bilinear(self, expr: sp.Expr, other: sp.Symbol) -> sp.Expr:
         expr = sp.expand(expr)
@@ -588,12 +535,89 @@ def reduce_expectations(expr: sp.Expr) -> sp.Expr:
     return expr.xreplace(out)
 
 
-def _derivative(expr: sp.Expr, var: sp.Symbol, node: Nonlin) -> sp.Expr:
-    """d phi / d var, rejecting non-differentiable nonlinearities with a clear error."""
-    d = sp.diff(expr, var)
-    bad = d.atoms(sp.DiracDelta, sp.Derivative, sp.Subs)
-    if bad:
-        raise ValueError(
-            f"the nonlinearity {expr} (node {node.label()!r}) is not differentiable in the sense "
-            f"the NTK needs: its derivative contains {sorted(map(str, bad))}")
-    return d
+# ============================================================================ rule tables
+# One entry per node kind and stage, registered here as JAX registers its primitives' rules:
+# FORWARD[kind](engine, node, copy) -> Z^node; COTANGENT[kind](engine, consumer, operand, copy) ->
+# the consumer's term in Z^{d operand}.  A base atom carries its covariance rule within its block.
+
+def _cov_setup(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """A bias or a readout weight: one Gaussian vector shared by every input (TP2 Eq. 18)."""
+    return A.block.variance
+
+
+def _cov_embedding(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """Cov(Z^{U xi}, Z^{U xi'}) = sigma_U^2 xi . xi' / d (TP2 §6.1, input layer)."""
+    return A.block.variance * eng.input_kernel(A.node.input, A.copy, B.copy)
+
+
+def _cov_matmul(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """Cov(Zhat^{Wx}, Zhat^{Wy}) = sigma_W^2 E[Z^x Z^y] (TP2 Box 1; TP3 Box 1 ZHat)."""
+    return A.block.variance * eng.expect(A.arg * B.arg)
+
+
+def _z_embedding(eng: Engine, node: Embedding, copy: int) -> sp.Expr:
+    return eng.new_atom(Atom("base", node, copy, block=node.weight, order=eng.position[node],
+                             covariance=_cov_embedding), f"Z_{eng.label(node)}_{copy}")
+
+
+def _z_bias(eng: Engine, node: Bias, copy: int) -> sp.Expr:
+    return eng.new_atom(Atom("base", node, None, block=node, order=eng.position[node],
+                             covariance=_cov_setup), f"Z_{eng.label(node)}")
+
+
+def _z_matmul(eng: Engine, node: MatMul, copy: int) -> sp.Expr:
+    arg = eng.z(node.vector, copy)
+    hat = eng.new_atom(Atom("base", node, copy, block=node.matrix, arg=arg,
+                            order=eng.position[node], covariance=_cov_matmul),
+                       f"Zhat_{eng.label(node)}_{copy}")
+    return eng.with_zdot(hat, f"Z_{eng.label(node)}_{copy}")
+
+
+def _z_nonlin(eng: Engine, node: Nonlin, copy: int) -> sp.Expr:
+    definition = node.phi(*[eng.z(a, copy) for a in node.inputs])
+    kind = "lincomb" if eng.is_lincomb(definition) else "opaque"
+    return eng.new_atom(Atom(kind, node, copy, order=eng.position[node]),
+                        f"Z_{eng.label(node)}_{copy}", definition)
+
+
+FORWARD: dict[type, Callable] = {
+    Embedding: _z_embedding,
+    Bias: _z_bias,
+    MatMul: _z_matmul,
+    Nonlin: _z_nonlin,
+    Moment: lambda eng, node, copy: eng.moment(node, copy),
+}
+
+
+def _dz_nonlin(eng: Engine, c: Nonlin, node: Node, copy: int) -> sp.Expr:
+    """y = phi(..x..): dx += d_x phi(Z) Z^{dy}."""
+    return eng.chain_factor(c, c.phi, node, copy) * eng.dz(c, copy)
+
+
+def _dz_moment(eng: Engine, c: Moment, node: Node, copy: int) -> sp.Expr:
+    """theta = (1/n) sum psi(x): sqrt(n) df/dx_alpha through theta is c_theta psi'(Z^x)
+    (NETSOR+ backprop, TP2 App. D)."""
+    return eng.moment_cotangent(c, copy) * eng.chain_factor(c, c.psi, node, copy)
+
+
+def _dz_vector_readout(eng: Engine, c: VectorReadout, node: Node, copy: int) -> sp.Expr:
+    """f = u . h / sqrt(n): dh gets Z^u and du gets Z^h."""
+    out = sp.Integer(0)
+    if node == c.vector:
+        out += eng.z(c.weight, copy)
+    if node == c.weight:
+        out += eng.z(c.vector, copy)
+    return out
+
+
+COTANGENT: dict[type, Callable] = {
+    Nonlin: _dz_nonlin,
+    Moment: _dz_moment,
+    # y = M x: Z^{M^T dy}, in the block of M^T (a fresh matrix under GIA, TP2 Heuristic 4.1).
+    MatMul: lambda eng, c, node, copy: eng.transpose_atom(c, copy),
+    # f = v . h / sqrt(n): dh = v, the readout weight's own Gaussian.
+    Readout: lambda eng, c, node, copy: eng.readout_atom(c),
+    VectorReadout: _dz_vector_readout,
+    # f = sum_alpha h_alpha / sqrt(n): dh = 1.
+    FixedReadout: lambda eng, c, node, copy: sp.Integer(1),
+}
