@@ -41,7 +41,7 @@ from .parametrization import PARAMETRIZATIONS
 __all__ = [
     "ProgramError", "Node", "Vector", "Input", "Weight", "Transpose", "Embedding", "Bias",
     "MatMul", "Nonlin", "Moment", "Carry", "Repeat", "Readout", "VectorReadout", "FixedReadout",
-    "READOUTS", "OutputBias",
+    "READOUTS", "OutputBias", "Scan", "Pool", "POOLINGS", "scan",
     "Program", "nonlin", "repeat", "PARAMETRIZATIONS", "WIDTH",
 ]
 
@@ -92,6 +92,15 @@ def _parametrization(p: str) -> Str:
     return Str(p)
 
 
+def _common_positions(args, what: str) -> str | None:
+    """The one position axis of ``args`` (position-free arguments broadcast over it)."""
+    axes = {a.positions for a in args if isinstance(a, (Vector, Moment))} - {None}
+    if len(axes) > 1:
+        raise ProgramError(f"{what} mixes vectors indexed by different positions "
+                           f"({', '.join(sorted(axes))})")
+    return next(iter(axes), None)
+
+
 class Node(Basic):
     """Base class of every IR node."""
 
@@ -112,13 +121,18 @@ class Node(Basic):
 
 
 class Input(Node):
-    """The network input xi in R^d.  Only an ``Embedding`` may consume it (theory §1.1)."""
+    """The network input: xi in R^d, or with ``positions="t"`` a sequence xi^1..xi^T of tokens in
+    R^d (data of shape (N, T, d); T may differ between the two sides of a kernel).  Only an
+    ``Embedding`` may consume it: the input never lives in width space (TP1 §4)."""
 
-    def __new__(cls, name: str = "xi", dim=Symbol("d", positive=True, integer=True)):
-        return super().__new__(cls, Str(_str(name)), _dim(dim, f"dimension of input {name!r}"))
+    def __new__(cls, name: str = "xi", dim=Symbol("d", positive=True, integer=True),
+                positions: str | None = None):
+        return super().__new__(cls, Str(_str(name)), _dim(dim, f"dimension of input {name!r}"),
+                               Str(_str(positions or "")))
 
     name = property(lambda self: self.args[0].name)
     dim = property(lambda self: self.args[1])
+    positions = property(lambda self: self.args[2].name or None)
 
     def label(self):
         return self.name
@@ -200,6 +214,11 @@ class Vector(Node):
     def name(self) -> str | None:
         return None
 
+    @property
+    def positions(self) -> str | None:
+        """The position axis the vector is indexed by (a sequence's tokens), or None."""
+        return None
+
     def named(self, name: str) -> "Vector":
         raise ProgramError(f"{self.label()} cannot be renamed")
 
@@ -268,6 +287,7 @@ class Embedding(Vector):
     weight = property(lambda self: self.args[0])
     input = property(lambda self: self.args[1])
     dim = property(lambda self: self.args[0].fan_out)
+    positions = property(lambda self: self.args[1].positions)
     name = property(lambda self: self.args[2].name or None)
 
     def named(self, name):
@@ -325,6 +345,10 @@ class MatMul(Vector):
         return (self.vector,)
 
     @property
+    def positions(self):
+        return self.vector.positions
+
+    @property
     def weight(self) -> Weight:
         m = self.matrix
         return m.weight if isinstance(m, Transpose) else m
@@ -364,11 +388,13 @@ class Nonlin(Vector):
         if len(dims) > 1:
             raise ProgramError(
                 f"nonlinearity {phi.expr} mixes vectors of dimensions {sorted(map(str, dims))}")
+        _common_positions(args, f"nonlinearity {phi.expr}")
         return super().__new__(cls, phi, Tuple(*args), Str(_str(name)))
 
     phi = property(lambda self: self.args[0])
     inputs = property(lambda self: tuple(self.args[1]))
     operands = inputs
+    positions = property(lambda self: _common_positions(self.inputs, ""))
     dim = property(lambda self: next(a for a in self.args[1] if isinstance(a, Vector)).dim)
     name = property(lambda self: self.args[2].name or None)
 
@@ -394,6 +420,8 @@ class Moment(Node):
     psi = property(lambda self: self.args[0])
     inputs = property(lambda self: tuple(self.args[1]))
     operands = inputs
+    #: a Moment of positioned vectors is one scalar per position
+    positions = property(lambda self: _common_positions(self.inputs, ""))
     name = property(lambda self: self.args[2].name or None)
 
     def label(self):
@@ -401,13 +429,16 @@ class Moment(Node):
 
 
 class Carry(Vector):
-    """The state carried into a ``Repeat`` body (a placeholder; only valid inside its body)."""
+    """The state carried into a ``Repeat`` or ``Scan`` body (a placeholder; only valid inside its
+    body).  In a ``Scan`` over positions ``t`` it stands for the previous state s^{t-1}."""
 
-    def __new__(cls, name: str, dim=WIDTH):
-        return super().__new__(cls, Str(_str(name)), _dim(dim, f"dimension of carry {name!r}"))
+    def __new__(cls, name: str, dim=WIDTH, positions: str | None = None):
+        return super().__new__(cls, Str(_str(name)), _dim(dim, f"dimension of carry {name!r}"),
+                               Str(_str(positions or "")))
 
     name = property(lambda self: self.args[0].name)
     dim = property(lambda self: self.args[1])
+    positions = property(lambda self: self.args[2].name or None)
 
 
 class Repeat(Vector):
@@ -460,6 +491,89 @@ class Repeat(Vector):
         return Repeat(*self.args[:6], name)
 
 
+class Scan(Vector):
+    """A recurrence over positions: s^t = body(s^{t-1}, inputs at t) for t = 1..T, s^0 = init.
+
+    The body is written once in terms of the ``Carry`` (s^{t-1}) and positioned vectors at the
+    same t; weights used in it are shared over t (an RNN, TP2 §6.2.1 Eq. 14).  ``init`` is a
+    position-free vector, or None for the zero state.  The node is the whole sequence s^1..s^T.
+    """
+
+    def __new__(cls, carry: Carry, body: Vector, init: Vector | None = None, name: str = ""):
+        label = name or getattr(carry, "name", "scan")
+        if not isinstance(carry, Carry) or carry.positions is None:
+            raise ProgramError(f"Scan {label!r} needs a Carry placeholder with positions")
+        if not isinstance(body, Vector):
+            raise ProgramError(f"the body of Scan {label!r} must be a vector, got {type(body).__name__}")
+        if body.positions != carry.positions:
+            raise ProgramError(
+                f"the body of Scan {label!r} must be indexed by the positions {carry.positions!r} "
+                f"of its carry (it is indexed by {body.positions!r}): feed it a positioned input")
+        if sp.simplify(body.dim - carry.dim) != 0:
+            raise ProgramError(f"Scan {label!r}: body and carry dimensions differ")
+        if init is not None:
+            if not isinstance(init, Vector):
+                raise ProgramError(f"the init of Scan {label!r} must be a vector or None")
+            if init.positions is not None:
+                raise ProgramError(f"the init of Scan {label!r} is the state before the first "
+                                   "position: it must be position-free")
+            if sp.simplify(init.dim - carry.dim) != 0:
+                raise ProgramError(f"Scan {label!r}: init and carry dimensions differ")
+            if carry in init.atoms(Carry):
+                raise ProgramError(f"the init of Scan {label!r} uses its own carry")
+        return super().__new__(cls, carry, body, init if init is not None else Str(""),
+                               Str(_str(name)))
+
+    carry = property(lambda self: self.args[0])
+    body = property(lambda self: self.args[1])
+    init = property(lambda self: self.args[2] if isinstance(self.args[2], Vector) else None)
+    dim = property(lambda self: self.args[0].dim)
+    positions = property(lambda self: self.args[0].positions)
+    name = property(lambda self: self.args[3].name or None)
+    operands = property(lambda self: (self.args[1],))
+
+    def named(self, name):
+        return Scan(self.carry, self.body, self.init, name)
+
+
+#: how a pooling readout reduces positions: mean over t, or the last position t = T.
+POOLINGS = ("mean", "last")
+
+
+class Pool(Vector):
+    """A position-free vector from a positioned one: (1/T) sum_t x^t (``"mean"``) or x^T
+    (``"last"``), e.g. the average-pooled or last-state readout of an RNN (TP2 App. E.2)."""
+
+    def __new__(cls, vec: Vector, how: str = "mean", name: str = ""):
+        if not isinstance(vec, Vector):
+            raise ProgramError(f"Pool reduces a vector, got {type(vec).__name__}")
+        if vec.positions is None:
+            raise ProgramError(f"Pool({vec.label()!r}): the vector has no positions to pool over")
+        if _str(how) not in POOLINGS:
+            raise ProgramError(f"unknown pooling {how!r}; expected one of {POOLINGS}")
+        return super().__new__(cls, vec, Str(_str(how)), Str(_str(name)))
+
+    vector = property(lambda self: self.args[0])
+    how = property(lambda self: self.args[1].name)
+    dim = property(lambda self: self.args[0].dim)
+    name = property(lambda self: self.args[2].name or None)
+    operands = property(lambda self: (self.args[0],))
+
+    def named(self, name):
+        return Pool(self.vector, self.how, name)
+
+    def label(self):
+        return self.name or f"{self.how}_t {self.vector.label()}"
+
+
+def scan(body: Callable[[Vector], Vector], positions: str = "t", init: Vector | None = None,
+         dim=WIDTH, name: str = "s") -> Scan:
+    """``scan(lambda s_prev: phi(W @ s_prev + U @ xi + b), "t")``: the recurrence s^t over
+    the positions of a sequence input, weights shared over t."""
+    carry = Carry(f"{name}_prev", dim, positions)
+    return Scan(carry, body(carry), init, name)
+
+
 def nonlin(phi, *args, name: str = "") -> Nonlin:
     """Apply a coordinatewise function.  ``phi`` is a Lambda, an expression in one free symbol, or
     an activation name understood by :func:`symntk.activations.activation`."""
@@ -499,6 +613,10 @@ class OutputBias(Node):
 def _readout_vector(vec) -> None:
     if not isinstance(vec, Vector):
         raise ProgramError(f"a readout reads a width-space vector, got {type(vec).__name__}")
+    if vec.positions is not None:
+        raise ProgramError(f"a readout reads one vector per example, but {vec.label()!r} is "
+                           f"indexed by positions {vec.positions!r}: pool it first (Pool(x, "
+                           "'mean') or Pool(x, 'last'))")
 
 
 def _output_bias(bias):
@@ -694,9 +812,9 @@ def _carry_bound(root: Basic, carry: Carry) -> bool:
     """True if every occurrence of ``carry`` under ``root`` is inside the body of its Repeat."""
     if root == carry:
         return False
-    if isinstance(root, Repeat):
+    if isinstance(root, (Repeat, Scan)):
         if root.carry == carry:
-            return carry not in root.init.atoms(Carry)
+            return root.init is None or carry not in root.init.atoms(Carry)
         return all(_carry_bound(a, carry) for a in (root.body, root.init)
-                   if carry in a.atoms(Carry))
+                   if a is not None and carry in a.atoms(Carry))
     return all(_carry_bound(a, carry) for a in root.args if isinstance(a, Basic) and carry in a.atoms(Carry))
