@@ -26,7 +26,7 @@ import sympy as sp
 from .parametrization import bias_factor, weight_factor
 from .program import (Carry, Embedding, FixedReadout, MatMul, Node, Program, ProgramError, Readout,
                       Repeat, VectorReadout, Weight)
-from .zcalculus import Engine
+from .zcalculus import LENGTH, POSITION_INDEX, Engine
 
 __all__ = ["Equation", "Loop", "Derivation", "derive", "FOLD_ITERATIONS"]
 
@@ -120,7 +120,8 @@ class Derivation:
 
     def parameters(self) -> set[sp.Symbol]:
         """Free model symbols (variances, widths) that must be bound to get numbers."""
-        known = set(self.info) | set(self.inputs) | set(self.loop_indices)
+        known = set(self.info) | set(self.inputs) | set(self.loop_indices) | \
+            set(POSITION_INDEX) | set(LENGTH)
         free = set()
         for e in self.equations:
             free |= e.rhs.free_symbols
@@ -144,6 +145,9 @@ class Derivation:
 
     def gram(self, X1, X2=None, **options):
         """NNGP and NTK Gram matrices by direct evaluation of the equations (NumPy)."""
+        from .evaluate_positions import gram as positions_gram, has_positions
+        if has_positions(self):
+            return positions_gram(self, X1, X2, **options)
         from .evaluate import gram
         return gram(self, X1, X2, **options)
 
@@ -265,7 +269,8 @@ class _Raw:
         eng = self.engine
         return Derivation(self.program, self.mode, [Equation(s, r) for s, r in eng.equations],
                           self.nngp, sp.Add(*self.ntk_terms.values()), dict(self.ntk_terms),
-                          dict(eng.info), {s: eng.info[s] for s in eng.input_kernels.values()},
+                          dict(eng.info), {k: eng.info[k] for k in map(_label_of,
+                                                                     eng.input_kernels.values())},
                           self.names)
 
 
@@ -323,13 +328,33 @@ READOUT_TERMS = {
 }
 
 
+def _label_of(sym):
+    return sym.label if isinstance(sym, sp.IndexedBase) else sym
+
+
 def _use_pair(eng: Engine, u: Node, u2: Node) -> sp.Expr:
-    """lim <grad_W f(xi) through use u, grad_W f(xi') through use u2> / factor (theory §3.1)."""
+    """lim <grad_W f(xi) through use u, grad_W f(xi') through use u2> / factor (TP2 Eq. 12).
+
+    A use at every position of a sequence (a weight shared over t) is one use per position:
+    the term is summed over the position pairs (t, r) of the two inputs (TP2 App. E.2)."""
+    limits = []
+    for copy, use in ((0, u), (1, u2)):
+        if use.positions is not None:
+            i = POSITION_INDEX[copy]
+            limits.append((i, 1, eng.length(copy)))
+    term = _use_pair_at(eng, u, u2)
+    if not limits or term == 0:
+        return term
+    return sp.Sum(term, *reversed(limits))
+
+
+def _use_pair_at(eng: Engine, u: Node, u2: Node) -> sp.Expr:
     if isinstance(u, Embedding) and isinstance(u2, Embedding):
         if u.input != u2.input:
             raise NotImplementedError("an embedding matrix shared by two different inputs")
         d = eng.expect(eng.dz(u, 0) * eng.dz(u2, 1))
-        return d * eng.input_kernel(u.input, 0, 1)
+        t, r = (POSITION_INDEX if u.positions else (None, None))
+        return d * eng.input_kernel(u.input, 0, 1, t, r)
     if isinstance(u, Embedding) or isinstance(u2, Embedding):
         raise NotImplementedError(f"weight {u.weight.label()} both embeds the input and multiplies "
                                   "a hidden vector")

@@ -28,19 +28,27 @@ its defining equation, so the equations come out in evaluation order.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import sympy as sp
 
 from .activations import partial_derivative
-from .program import (Bias, Embedding, FixedReadout, Input, MatMul, Moment, Node, Nonlin,
-                      Program, Readout, VectorReadout)
+from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment, Node, Nonlin,
+                      Pool, Program, Readout, Scan, VectorReadout)
 
 __all__ = ["Atom", "KernelKey", "SymbolInfo", "Engine", "FORWARD", "COTANGENT"]
 
 #: Input copies: 0 is xi, 1 is xi'.  Kernels are derived for the pair.
 COPIES = (0, 1)
+
+#: Position index of each input copy (token t of xi, token r of xi') and the sequence lengths
+#: (TP2 §6.2.1 writes C^{s^t, s-bar^r} for sequences of lengths T and T-bar).
+POSITION_INDEX = (sp.Symbol("t", integer=True, positive=True),
+                  sp.Symbol("r", integer=True, positive=True))
+LENGTH = (sp.Symbol("T", integer=True, positive=True),
+          sp.Symbol("Tbar", integer=True, positive=True))
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class Atom:
     arg: object = None        # base MatMul atoms: the atom multiplied by the matrix
     order: int = 0            # expansion order: later atoms are expanded first
     covariance: Callable | None = None  # base atoms: (engine, A, B) -> Cov within the block
+    pos: object = None        # positioned vectors: the position (t, t - 1, T, ...); else None
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,12 @@ class Engine:
         self._deps: dict[sp.Symbol, frozenset] = {}
         self.input_kernels: dict[tuple, sp.Symbol] = {}
         self._names: set[str] = set()
+        # positions: which Scan a Carry belongs to; atoms at shifted positions, left undefined
+        self.scan_of = {n.carry: n for n in self.nodes if isinstance(n, Scan)}
+        self.lazy: set[sp.Symbol] = set()
+        self.key_of: dict[sp.Symbol, tuple] = {}
+        self.index_symbols: set[sp.Symbol] = set(POSITION_INDEX)
+        self._deps_open: set[sp.Symbol] = set()
 
     # ------------------------------------------------------------------ graph bookkeeping
     def _consumers(self) -> dict[Node, list[Node]]:
@@ -119,6 +134,9 @@ class Engine:
         for n in self.nodes:
             for a in dict.fromkeys(n.operands):
                 consumers[a].append(n)
+            if isinstance(n, Scan):
+                # s^t is read again at t + 1 through the carry: ds^t += d(carry)^{t+1}
+                consumers[n].append(n.carry)
         return consumers
 
     def _fresh_name(self, stem: str) -> str:
@@ -131,16 +149,62 @@ class Engine:
         return name
 
     # ------------------------------------------------------------------ atoms
-    def z(self, node: Node, copy: int) -> sp.Expr:
-        """Z^node for input copy ``copy`` as an expression in atoms (forward pass, TP2 Box 1)."""
+    def z(self, node: Node, copy: int, pos=None) -> sp.Expr:
+        """Z^node for input copy ``copy`` (at position ``pos`` of a positioned vector; by default
+        the copy's own index, t or r) as an expression in atoms (forward pass, TP2 Box 1)."""
+        pos = self._position(node, copy, pos)
         copy = 0 if self.same_input else copy
-        key = ("fwd", node, None if isinstance(node, Bias) else copy)
+        key = ("fwd", node, None if isinstance(node, Bias) else copy, pos)
         if key not in self._atom_of:
             rule = FORWARD.get(type(node))
             if rule is None:
                 raise TypeError(f"the Z calculus has no forward rule for {type(node).__name__}")
-            self._atom_of[key] = rule(self, node, copy)
+            self._atom_of[key] = out = rule(self, node, copy, pos)
+            if out in self.atoms:
+                self.key_of.setdefault(out, key)
         return self._atom_of[key]
+
+    # ------------------------------------------------------------------ positions
+    def _position(self, node: Node, copy: int, pos):
+        if getattr(node, "positions", None) is None:
+            return None
+        return POSITION_INDEX[copy] if pos is None else sp.sympify(pos)
+
+    def length(self, copy: int) -> sp.Symbol:
+        return LENGTH[0 if self.same_input else copy]
+
+    def index_of(self, pos) -> sp.Symbol | None:
+        """The position index (t, r, ...) in ``pos``, or None for a fixed position such as T."""
+        found = [s for s in sp.sympify(pos).free_symbols if s in self.index_symbols]
+        return found[0] if found else None
+
+    def generic(self, pos) -> bool:
+        return pos is None or pos in self.index_symbols
+
+    def lazy_atom(self, key: tuple, atom: Atom, name: str) -> sp.Symbol:
+        """A Scan's state at a shifted position (s^{t-1}, s^{t+1}, s^T): an opaque atom that is
+        never expanded.  Its moments are the same kernel families as the state's at t, read at a
+        shifted index; expanding it would apply the body at a position where it does not hold
+        (s^0 is the initial state, not the body at t = 0)."""
+        sym = self.new_atom(atom, name)
+        self.lazy.add(sym)
+        self.key_of[sym] = key
+        return sym
+
+    def at(self, sym: sp.Symbol, pos) -> sp.Symbol:
+        """The same vector's atom at another position."""
+        tag, node, copy, _ = self.key_of[sym]
+        return {"fwd": self.z, "bwd": self.dz, "bwd-matmul": self.transpose_atom}[tag](
+            node, 0 if copy is None else copy, pos)
+
+    def pos_tag(self, pos) -> str:
+        if pos is None:
+            return ""
+        i = self.index_of(pos)
+        if i is None:
+            return f"_{pos}"
+        k = sp.sympify(pos) - i
+        return f"_{i}" if k == 0 else f"_{i}{'p' if k > 0 else 'm'}{abs(k)}"
 
     def new_atom(self, atom: Atom, name: str, definition: sp.Expr | None = None) -> sp.Symbol:
         """A fresh atom symbol; non-base atoms carry their ``definition`` in earlier atoms."""
@@ -158,23 +222,35 @@ class Engine:
         poly = sp.Poly(expr, *atoms) if expr.is_polynomial(*atoms) else None
         return poly is not None and poly.total_degree() == 1 and poly.coeff_monomial(1) == 0
 
-    def dz(self, node: Node, copy: int) -> sp.Expr:
+    def dz(self, node: Node, copy: int, pos=None) -> sp.Expr:
         """Z^{dx} for the cotangent dx = sqrt(n) df/dx of ``node`` (backward pass, TP2 §6.1).
 
         The sum, over the node's uses, of each consumer's contribution (the ``COTANGENT`` table):
         a chain-rule factor times the consumer's own cotangent, a W^T dy base Gaussian, or the
         readout's seed.
         """
+        pos = self._position(node, copy, pos)
         copy = 0 if self.same_input else copy
-        key = ("bwd", node, copy)
+        key = ("bwd", node, copy, pos)
         if key in self._atom_of:
+            return self._atom_of[key]
+        if isinstance(node, Scan) and not self.generic(pos):
+            order = 2 * len(self.nodes) - self.position[node]
+            self._atom_of[key] = self.lazy_atom(
+                key, Atom("opaque", node, copy, backward=True, order=order, pos=pos),
+                f"dZ_{self.label(node)}_{copy}{self.pos_tag(pos)}")
             return self._atom_of[key]
         terms = []
         for c in self.consumers[node]:
             rule = COTANGENT.get(type(c))
             if rule is None:
                 raise TypeError(f"the Z calculus has no backward rule for {type(c).__name__}")
-            terms.append(rule(self, c, node, copy))
+            if pos is None and getattr(c, "positions", None) is not None and not isinstance(c, Carry):
+                # a position-free vector (a bias) used at every position: its gradient sums them
+                i, L = POSITION_INDEX[copy], self.length(copy)
+                terms.append(sp.Sum(rule(self, c, node, copy, i), (i, 1, L)))
+            else:
+                terms.append(rule(self, c, node, copy, pos))
         definition = sp.Add(*terms)
         # A cotangent that is exactly one other atom is that atom, and a constant one (a fixed
         # readout's) is that constant: no alias symbols in the output.
@@ -182,14 +258,17 @@ class Engine:
             sym = definition
         else:
             order = 2 * len(self.nodes) - self.position[node]
-            sym = self.new_atom(Atom("opaque", node, copy, backward=True, order=order),
-                                f"dZ_{self.label(node)}_{copy}", definition)
+            sym = self.new_atom(Atom("opaque", node, copy, backward=True, order=order, pos=pos),
+                                f"dZ_{self.label(node)}_{copy}{self.pos_tag(pos)}", definition)
         self._atom_of[key] = sym
+        if sym in self.atoms:
+            self.key_of.setdefault(sym, key)
         return sym
 
-    def chain_factor(self, consumer: Node, fn: sp.Lambda, node: Node, copy: int) -> sp.Expr:
+    def chain_factor(self, consumer: Node, fn: sp.Lambda, node: Node, copy: int,
+                     pos=None) -> sp.Expr:
         """sum_k d fn / d arg_k at Z, over the arguments of ``consumer`` that are ``node``."""
-        args = [self.z(a, copy) for a in consumer.inputs]
+        args = [self.z(a, copy, pos) for a in consumer.inputs]
         grad = sp.Integer(0)
         for var, a in zip(fn.variables, consumer.inputs):
             if a == node:
@@ -199,6 +278,9 @@ class Engine:
 
     def moment(self, node: Moment, copy: int) -> sp.Expr:
         """theta = E psi(Z^{h1}, ...), a deterministic scalar per input (TP2 Box 2, theory §1.3)."""
+        if node.positions is not None:
+            raise NotImplementedError(f"Moment {node.label()!r} of positioned vectors (one scalar per "
+                                      "position) is not derived yet")
         copy = 0 if self.same_input else copy
         key = ("moment", node, copy)
         if key not in self._atom_of:
@@ -223,19 +305,22 @@ class Engine:
                 for c in self.consumers[node]])
         return self._atom_of[key]
 
-    def transpose_atom(self, use: MatMul, copy: int) -> sp.Symbol:
+    def transpose_atom(self, use: MatMul, copy: int, pos=None) -> sp.Symbol:
         """Z^{M^T dy} for the forward use y = M x; its block is M^T (a fresh matrix under GIA)."""
-        key = ("bwd-matmul", use, copy)
+        pos = self._position(use, copy, pos)
+        copy = 0 if self.same_input else copy
+        key = ("bwd-matmul", use, copy, pos)
         if key not in self._atom_of:
-            dy = self.dz(use, copy)
+            dy = self.dz(use, copy, pos)
             matrix = use.matrix.T
             order = 2 * len(self.nodes) - self.position[use]
             # W^T dy is (a term of) the gradient of the vector W multiplied: name it after that.
             hat = self.new_atom(
                 Atom("base", use.vector, copy, backward=True, block=matrix, arg=dy, order=order,
-                     covariance=_cov_matmul),
-                f"Zhat_{self.label(use.vector)}_T_{copy}")
-            self._atom_of[key] = self.with_zdot(hat, f"Z_{self.label(use)}_T_{copy}")
+                     covariance=_cov_matmul, pos=pos),
+                f"Zhat_{self.label(use.vector)}_T_{copy}{self.pos_tag(pos)}")
+            self._atom_of[key] = self.with_zdot(hat, f"Z_{self.label(use)}_T_{copy}{self.pos_tag(pos)}")
+            self.key_of.setdefault(self._atom_of[key], key)
         return self._atom_of[key]
 
     # ------------------------------------------------------------------ exact mode: Zdot
@@ -314,35 +399,65 @@ class Engine:
 
     # ------------------------------------------------------------------ dependencies
     def deps(self, sym: sp.Symbol) -> frozenset:
-        """The blocks an atom depends on; atoms with disjoint blocks are independent."""
+        """The blocks an atom depends on; atoms with disjoint blocks are independent.
+
+        A Scan's state at a shifted position depends on the same blocks as at t (the body is
+        the same at every position): its blocks are those of the state at the copy's index, a
+        fixed point reached by not re-entering an atom already being visited."""
         if sym in self._deps:
             return self._deps[sym]
         atom = self.atoms[sym]
-        if atom.kind == "base":
-            out = frozenset([atom.block])
-        else:
-            out = frozenset().union(*[self.deps(s) for s in self.definitions[sym].free_symbols
-                                      if s in self.atoms])
-        self._deps[sym] = out
+        if sym in self._deps_open:
+            return frozenset()
+        self._deps_open.add(sym)
+        try:
+            if atom.kind == "base":
+                out = frozenset([atom.block])
+            elif sym in self.lazy:
+                out = self.deps(self.at(sym, self.index_of(atom.pos) or POSITION_INDEX[0]))
+            else:
+                out = frozenset().union(*[self.deps(s) for s in self.definitions[sym].free_symbols
+                                          if s in self.atoms])
+        finally:
+            self._deps_open.discard(sym)
+        if not self._deps_open:
+            self._deps[sym] = out
         return out
 
     def _factor_deps(self, factor: sp.Expr) -> frozenset:
         return frozenset().union(*[self.deps(s) for s in factor.free_symbols if s in self.atoms])
 
     # ------------------------------------------------------------------ symbols
-    def input_kernel(self, inp: Input, i: int, j: int) -> sp.Symbol:
-        """xi_i . xi_j / d: the data the recursion starts from (theory §2.2)."""
-        i, j = (0, 0) if self.same_input else sorted((i, j))
+    def input_kernel(self, inp: Input, i: int, j: int, pi=None, pj=None) -> sp.Expr:
+        """xi_i . xi_j / d: the data the recursion starts from (TP2 Eq. 18, Sigma^in).  For
+        sequences, the token kernel xi_i^{pi} . xi_j^{pj} / d, an array indexed by positions."""
+        if self.same_input:
+            i, j = 0, 0
+        elif i > j:
+            i, j, pi, pj = j, i, pj, pi
         key = (inp, i, j)
         if key not in self.input_kernels:
-            sym = sp.Symbol(self._fresh_name(f"k_{inp.name}_{i}{j}"), real=True)
+            name = self._fresh_name(f"k_{inp.name}_{i}{j}")
+            sym = sp.IndexedBase(name, real=True) if inp.positions else sp.Symbol(name, real=True)
             self.input_kernels[key] = sym
-            self.info[sym] = SymbolInfo("input", (inp, inp), (i, j))
-        return self.input_kernels[key]
+            label = sym.label if inp.positions else sym
+            self.info[label] = SymbolInfo("input", (inp, inp), (i, j),
+                                          extra={"positions": 2 if inp.positions else 0})
+        sym = self.input_kernels[key]
+        return sym[pi, pj] if inp.positions else sym
 
-    def _symbol(self, key: KernelKey, definition: Callable[[], sp.Expr]) -> sp.Expr:
+    def _symbol(self, key: KernelKey, definition: Callable[[], sp.Expr], index=(),
+                generic=()) -> sp.Expr:
         """The symbol for ``key`` with its equation; a constant expectation is just the constant
-        (e.g. the zero mean of a cotangent), so no dead ``mu = 0`` equations appear."""
+        (e.g. the zero mean of a cotangent), so no dead ``mu = 0`` equations appear.
+
+        With positions, ``key`` names a kernel *family* F over positions, defined once by its
+        equation at the generic indices ``generic`` (t, r) and read at ``index`` (t - 1, T, ...).
+        The family exists before its right-hand side is derived, so the right-hand side may read
+        the family itself at shifted positions: that is the recursion in (t, r) (TP2 Eq. 14).
+        """
+        if index:
+            return self._family(key, definition, index, generic, self._axes(key))
         if key in self.symbols:
             return self.symbols[key]
         rhs = definition()
@@ -366,21 +481,82 @@ class Engine:
         self.equations.append((sym, rhs))
         return sym
 
-    def second_moment(self, a: sp.Symbol, b: sp.Symbol) -> sp.Symbol:
+    def _family(self, key: KernelKey, definition, index, generic, axes=()) -> sp.Expr:
+        if key not in self.symbols:
+            atoms = [self.atoms[a] for a in key.atoms]
+            names = "_".join(dict.fromkeys(self.label(a.node) for a in atoms))
+            copies = "".join("x" if a.copy is None else str(a.copy) for a in atoms)
+            base = sp.IndexedBase(self._fresh_name(f"{key.kind}_{names}_{copies}"), real=True)
+            self.symbols[key] = base
+            self.info[base.label] = SymbolInfo(
+                key.kind, tuple(a.node for a in atoms), tuple(a.copy for a in atoms),
+                gaussian=all(a.kind in ("base", "lincomb") for a in atoms),
+                extra={"backward": any(a.backward for a in atoms), "positions": len(generic),
+                       "axes": axes, "hat": False, "zdot": False})
+            rhs = definition()
+            self.equations.append((base[generic], rhs))
+        return self.symbols[key][index]
+
+    def _axes(self, key: KernelKey) -> tuple:
+        """The input copy whose positions each index of a family runs over (generic atoms sharing
+        one index form a one-index family)."""
+        positioned = [self.atoms[a] for a in key.atoms if self.atoms[a].pos is not None]
+        indices = [self.index_of(a.pos) for a in positioned]
+        if len(positioned) == 2 and indices[0] == indices[1]:
+            return (positioned[0].copy,)
+        return tuple(a.copy for a in positioned)
+
+    def _moment_key(self, kind: str, syms: list):
+        """(generic atoms, the index they are read at, the generic index) for a kernel of
+        positioned atoms: E[Z^a(t + i) Z^b(r + j)] is the family F[t, r] read at (t + i, r + j);
+        two atoms on one index, E[Z^a(t + i) Z^b(t + j)], the family G[t] = E[Z^a(t) Z^b(t + j - i)]
+        read at t + i."""
+        poss = [self.atoms[s].pos for s in syms]
+        if all(p is None for p in poss):
+            return syms, (), ()
+        idxs = [None if p is None else self.index_of(p) for p in poss]
+        if len(syms) == 2 and None not in poss and idxs[0] is not None and idxs[0] == idxs[1]:
+            i, delta = idxs[0], sp.expand(poss[1] - poss[0])
+            g = POSITION_INDEX[0]
+            return [self.at(syms[0], g), self.at(syms[1], g + delta)], (poss[0],), (g,)
+        generic, index, out = [], [], []
+        for k, (s, p) in enumerate(zip(syms, poss)):
+            if p is None:
+                out.append(s)
+                continue
+            g = POSITION_INDEX[len(generic)]
+            generic.append(g)
+            index.append(p)
+            out.append(self.at(s, g))
+        return out, tuple(index), tuple(generic)
+
+    def second_moment(self, a: sp.Symbol, b: sp.Symbol) -> sp.Expr:
         """The symbol for E[Z^a Z^b], defined by expanding both atoms one level."""
         a, b = sorted((a, b), key=self._sort_key)
         kind = "D" if self.atoms[a].backward or self.atoms[b].backward else "C"
-        return self._symbol(KernelKey(kind, (a, b)),
-                            lambda: self.expect(self._expand(a) * self._expand(b)))
+        (ga, gb), index, generic = self._moment_key(kind, [a, b])
+        return self._symbol(KernelKey(kind, (ga, gb)),
+                            lambda: self.expect(self._expand(ga) * self._expand(gb)), index, generic)
 
-    def mean(self, a: sp.Symbol) -> sp.Symbol:
-        return self._symbol(KernelKey("mu", (a,)), lambda: self.expect(self._expand(a)))
+    def mean(self, a: sp.Symbol) -> sp.Expr:
+        (ga,), index, generic = self._moment_key("mu", [a])
+        return self._symbol(KernelKey("mu", (ga,)), lambda: self.expect(self._expand(ga)),
+                            index, generic)
 
     def _sort_key(self, sym):
         atom = self.atoms[sym]
+        if atom.pos is not None:       # one order for a vector at every position of one index
+            i = self.index_of(atom.pos)
+            rank = POSITION_INDEX.index(i) if i in POSITION_INDEX else (2, str(i))
+            return (atom.order, -1 if atom.copy is None else atom.copy, rank)
         return (atom.order, -1 if atom.copy is None else atom.copy, sym.name)
 
     def _expand(self, sym: sp.Symbol) -> sp.Expr:
+        if sym in self.lazy:
+            raise NotImplementedError(
+                f"the derivation needs the law of {sym} (a recurrent state at a shifted position) "
+                "beyond its kernels: only states entering the next step through matrix products "
+                "(W s^{t-1}, as in a simple RNN) are derived as a recursion over positions")
         return self.definitions.get(sym, sym)
 
     # ------------------------------------------------------------------ covariance of Gaussians
@@ -415,6 +591,8 @@ class Engine:
         closed form) instead of being cut into pieces by distributing the product.
         """
         expr = sp.sympify(expr)
+        if expr.has(sp.Sum):
+            return self._expect_sums(expr)
         if not isinstance(expr, sp.Add):
             coeff, factors = self._split(expr)
             if not factors:
@@ -433,6 +611,53 @@ class Engine:
             coeff, factors = self._split(term)
             total.append(coeff * self._expect_product(factors) if factors else coeff)
         return sp.Add(*total)
+
+    def _expect_sums(self, expr: sp.Expr) -> sp.Expr:
+        """E[sum_t f(t) sum_r g(r)] = sum_t sum_r E[f(t) g(r)]: sums over positions (pooling, a
+        bias's gradient over every position) move outside the expectation, each with an index of
+        its own."""
+        total = []
+        for term in sp.Add.make_args(sp.expand(expr, power_exp=False, power_base=False, log=False)):
+            factors = []
+            for f in sp.Mul.make_args(term):
+                if isinstance(f, sp.Pow) and f.base.has(sp.Sum) and f.exp.is_Integer and f.exp > 0:
+                    factors.extend([f.base] * int(f.exp))
+                else:
+                    factors.append(f)
+            rest, limits = [], []
+            used = set().union(*[f.free_symbols for f in factors if not isinstance(f, sp.Sum)])
+            for f in factors:
+                if not isinstance(f, sp.Sum):
+                    rest.append(f)
+                    continue
+                body = f.function
+                for (i, lo, hi) in f.limits:
+                    if i in used:
+                        j = next(k for k in itertools.chain(POSITION_INDEX, self._extra_indices())
+                                 if k not in used)
+                        body = self._reindex(body, i, j)
+                        i = j
+                    used.add(i)
+                    limits.append((i, lo, hi))
+                rest.append(body)
+            inner = self.expect(sp.Mul(*rest))
+            total.append(sp.Sum(inner, *limits) if inner != 0 else sp.Integer(0))
+        return sp.Add(*total)
+
+    def _reindex(self, expr: sp.Expr, i: sp.Symbol, j: sp.Symbol) -> sp.Expr:
+        """``expr`` with position index i renamed j, in the positions of its atoms too."""
+        sub = {a: self.at(a, self.atoms[a].pos.xreplace({i: j})) for a in expr.free_symbols
+               if a in self.atoms and self.atoms[a].pos is not None
+               and i in sp.sympify(self.atoms[a].pos).free_symbols}
+        return expr.xreplace(sub).xreplace({i: j})
+
+    def _extra_indices(self):
+        k = 2
+        while True:
+            sym = sp.Symbol(f"t_{k}", integer=True, positive=True)
+            self.index_symbols.add(sym)
+            yield sym
+            k += 1
 
     def _groups(self, factors: list[sp.Expr]) -> list[list[sp.Expr]]:
         """Factors linked by shared blocks; different groups are independent."""
@@ -463,7 +688,7 @@ class Engine:
             inner = self._opaque_inside_heads(f)
             if inner:
                 sym = max(inner, key=self._sort_key)
-                product = sp.Mul(*factors).xreplace({sym: self.definitions[sym]})
+                product = sp.Mul(*factors).xreplace({sym: self._expand(sym)})
                 return self.expect(product)
         # 2. Split into independent groups (disjoint blocks), expectation factorises.
         return sp.Mul(*[self._expect_group(members) for members in self._groups(factors)])
@@ -497,7 +722,7 @@ class Engine:
                 return self.mean(atoms_[0])
             return self.second_moment(*atoms_)
         sym = max(opaque, key=self._sort_key)
-        return self.expect(product.xreplace({sym: self.definitions[sym]}))
+        return self.expect(product.xreplace({sym: self._expand(sym)}))
 
     def _gaussian(self, product: sp.Expr, syms: list[sp.Symbol]) -> sp.Expr:
         """E over jointly Gaussian atoms: an explicit, unevaluated ``GaussianExpectation`` node.
@@ -546,8 +771,9 @@ def _cov_setup(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
 
 
 def _cov_embedding(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
-    """Cov(Z^{U xi}, Z^{U xi'}) = sigma_U^2 xi . xi' / d (TP2 §6.1, input layer)."""
-    return A.block.variance * eng.input_kernel(A.node.input, A.copy, B.copy)
+    """Cov(Z^{U xi}, Z^{U xi'}) = sigma_U^2 xi . xi' / d (TP2 §6.1, input layer); for tokens,
+    sigma_U^2 xi^t . xi'^r / d (TP2 Eq. 14)."""
+    return A.block.variance * eng.input_kernel(A.node.input, A.copy, B.copy, A.pos, B.pos)
 
 
 def _cov_matmul(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
@@ -555,29 +781,55 @@ def _cov_matmul(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
     return A.block.variance * eng.expect(A.arg * B.arg)
 
 
-def _z_embedding(eng: Engine, node: Embedding, copy: int) -> sp.Expr:
+def _z_embedding(eng: Engine, node: Embedding, copy: int, pos) -> sp.Expr:
     return eng.new_atom(Atom("base", node, copy, block=node.weight, order=eng.position[node],
-                             covariance=_cov_embedding), f"Z_{eng.label(node)}_{copy}")
+                             covariance=_cov_embedding, pos=pos),
+                        f"Z_{eng.label(node)}_{copy}{eng.pos_tag(pos)}")
 
 
-def _z_bias(eng: Engine, node: Bias, copy: int) -> sp.Expr:
+def _z_bias(eng: Engine, node: Bias, copy: int, pos) -> sp.Expr:
     return eng.new_atom(Atom("base", node, None, block=node, order=eng.position[node],
                              covariance=_cov_setup), f"Z_{eng.label(node)}")
 
 
-def _z_matmul(eng: Engine, node: MatMul, copy: int) -> sp.Expr:
-    arg = eng.z(node.vector, copy)
+def _z_matmul(eng: Engine, node: MatMul, copy: int, pos) -> sp.Expr:
+    arg = eng.z(node.vector, copy, pos)
+    tag = eng.pos_tag(pos)
     hat = eng.new_atom(Atom("base", node, copy, block=node.matrix, arg=arg,
-                            order=eng.position[node], covariance=_cov_matmul),
-                       f"Zhat_{eng.label(node)}_{copy}")
-    return eng.with_zdot(hat, f"Z_{eng.label(node)}_{copy}")
+                            order=eng.position[node], covariance=_cov_matmul, pos=pos),
+                       f"Zhat_{eng.label(node)}_{copy}{tag}")
+    return eng.with_zdot(hat, f"Z_{eng.label(node)}_{copy}{tag}")
 
 
-def _z_nonlin(eng: Engine, node: Nonlin, copy: int) -> sp.Expr:
-    definition = node.phi(*[eng.z(a, copy) for a in node.inputs])
+def _z_nonlin(eng: Engine, node: Nonlin, copy: int, pos) -> sp.Expr:
+    definition = node.phi(*[eng.z(a, copy, pos) for a in node.inputs])
     kind = "lincomb" if eng.is_lincomb(definition) else "opaque"
-    return eng.new_atom(Atom(kind, node, copy, order=eng.position[node]),
-                        f"Z_{eng.label(node)}_{copy}", definition)
+    return eng.new_atom(Atom(kind, node, copy, order=eng.position[node], pos=pos),
+                        f"Z_{eng.label(node)}_{copy}{eng.pos_tag(pos)}", definition)
+
+
+def _z_scan(eng: Engine, node: Scan, copy: int, pos) -> sp.Expr:
+    """s^t is the body at t; at any other position (t - 1, T) a never-expanded atom."""
+    if eng.generic(pos):
+        return eng.z(node.body, copy, pos)
+    if node.init is not None:
+        raise NotImplementedError(
+            f"Scan {node.label()!r} starts from a nonzero state: only the zero initial state "
+            "s^0 = 0 is derived as a recursion over positions so far")
+    return eng.lazy_atom(("fwd", node, copy, pos),
+                         Atom("opaque", node, copy, order=eng.position[node], pos=pos),
+                         f"Z_{eng.label(node)}_{copy}{eng.pos_tag(pos)}")
+
+
+def _z_pool(eng: Engine, node: Pool, copy: int, pos) -> sp.Expr:
+    """x^T (last) or (1/T) sum_t x^t (mean), a position-free vector."""
+    L = eng.length(copy)
+    if node.how == "last":
+        return eng.z(node.vector, copy, L)
+    i = POSITION_INDEX[copy]
+    return eng.new_atom(Atom("opaque", node, copy, order=eng.position[node]),
+                        f"Z_{eng.label(node)}_{copy}",
+                        sp.Sum(eng.z(node.vector, copy, i), (i, 1, L)) / L)
 
 
 FORWARD: dict[type, Callable] = {
@@ -585,22 +837,33 @@ FORWARD: dict[type, Callable] = {
     Bias: _z_bias,
     MatMul: _z_matmul,
     Nonlin: _z_nonlin,
-    Moment: lambda eng, node, copy: eng.moment(node, copy),
+    Moment: lambda eng, node, copy, pos: eng.moment(node, copy),
+    Scan: _z_scan,
+    # the carry at t is the state at t - 1 (zero before the first position)
+    Carry: lambda eng, node, copy, pos: eng.z(eng.scan_of[node], copy, pos - 1),
+    Pool: _z_pool,
 }
 
 
-def _dz_nonlin(eng: Engine, c: Nonlin, node: Node, copy: int) -> sp.Expr:
+def _dz_nonlin(eng: Engine, c: Nonlin, node: Node, copy: int, pos) -> sp.Expr:
     """y = phi(..x..): dx += d_x phi(Z) Z^{dy}."""
-    return eng.chain_factor(c, c.phi, node, copy) * eng.dz(c, copy)
+    return eng.chain_factor(c, c.phi, node, copy, pos) * eng.dz(c, copy, pos)
 
 
-def _dz_moment(eng: Engine, c: Moment, node: Node, copy: int) -> sp.Expr:
+def _dz_moment(eng: Engine, c: Moment, node: Node, copy: int, pos) -> sp.Expr:
     """theta = (1/n) sum psi(x): sqrt(n) df/dx_alpha through theta is c_theta psi'(Z^x)
     (NETSOR+ backprop, TP2 App. D)."""
     return eng.moment_cotangent(c, copy) * eng.chain_factor(c, c.psi, node, copy)
 
 
-def _dz_vector_readout(eng: Engine, c: VectorReadout, node: Node, copy: int) -> sp.Expr:
+def _dz_pool(eng: Engine, c: Pool, node: Node, copy: int, pos) -> sp.Expr:
+    """p = (1/T) sum_t x^t: dx^t = dp / T; p = x^T: dx^t = [t = T] dp (TP2 §3.2, avg-pool)."""
+    L = eng.length(copy)
+    weight = 1 / L if c.how == "mean" else sp.KroneckerDelta(pos, L)
+    return weight * eng.dz(c, copy)
+
+
+def _dz_vector_readout(eng: Engine, c: VectorReadout, node: Node, copy: int, pos) -> sp.Expr:
     """f = u . h / sqrt(n): dh gets Z^u and du gets Z^h."""
     out = sp.Integer(0)
     if node == c.vector:
@@ -614,10 +877,15 @@ COTANGENT: dict[type, Callable] = {
     Nonlin: _dz_nonlin,
     Moment: _dz_moment,
     # y = M x: Z^{M^T dy}, in the block of M^T (a fresh matrix under GIA, TP2 Heuristic 4.1).
-    MatMul: lambda eng, c, node, copy: eng.transpose_atom(c, copy),
+    MatMul: lambda eng, c, node, copy, pos: eng.transpose_atom(c, copy, pos),
     # f = v . h / sqrt(n): dh = v, the readout weight's own Gaussian.
-    Readout: lambda eng, c, node, copy: eng.readout_atom(c),
+    Readout: lambda eng, c, node, copy, pos: eng.readout_atom(c),
     VectorReadout: _dz_vector_readout,
     # f = sum_alpha h_alpha / sqrt(n): dh = 1.
-    FixedReadout: lambda eng, c, node, copy: sp.Integer(1),
+    FixedReadout: lambda eng, c, node, copy, pos: sp.Integer(1),
+    Pool: _dz_pool,
+    # the state s^t is the value of the Scan's body at t
+    Scan: lambda eng, c, node, copy, pos: eng.dz(c, copy, pos),
+    # s^t is read at t + 1 through the carry (TP2 Eq. 15: ds^{t-1} = W^T dg^t); nothing after T
+    Carry: lambda eng, c, node, copy, pos: eng.dz(c, copy, pos + 1),
 }
