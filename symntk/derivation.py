@@ -158,6 +158,9 @@ class Derivation:
 
     def compile(self, **options):
         """A Numba kernel for these equations (cached on disk): ``k = d.compile(); k(X1, X2)``."""
+        if any(inp.positions for inp in self.program.inputs):
+            raise NotImplementedError("compiled kernels over positions (sequences) are not "
+                                      "generated yet; Derivation.gram evaluates them")
         from .kernels import compile as _compile
         return _compile(self, **options)
 
@@ -231,8 +234,21 @@ def derive(program: Program, mode: str = "gia", fold: bool = True) -> Derivation
         raise ValueError(f"unknown mode {mode!r}; expected 'gia' or 'exact'")
     if not isinstance(program, Program):
         raise TypeError(f"derive needs a Program, got {type(program).__name__}")
-    pair = _derive(program, mode, fold, same_input=False)
-    pair.diagonal = _derive(program, mode, fold, same_input=True)
+    engine_mode = mode
+    if mode == "exact" and any(inp.positions for inp in program.inputs):
+        # Over positions the Zdot sums of TP3 Box 1 run over every position of a shared weight.
+        # On a BP-like program they all vanish (TP2 Thm 7.2, TP3 Thm D.1), so the exact limit is
+        # the GIA one; other positioned programs are not derived exactly yet.
+        from .gia import gia_check
+        check = gia_check(program)
+        if not check.holds:
+            raise NotImplementedError(
+                "exact mode on a program with positions is derived only when it is BP-like "
+                f"(Simple GIA Check); here: {'; '.join(check.reasons)}")
+        engine_mode = "gia"
+    pair = _derive(program, engine_mode, fold, same_input=False)
+    pair.diagonal = _derive(program, engine_mode, fold, same_input=True)
+    pair.mode = pair.diagonal.mode = mode
     return pair
 
 

@@ -766,6 +766,13 @@ class Program:
                         f"two different parameters are both called {node.name!r}: "
                         f"{_describe(other)} vs {_describe(node)}")
         _check_carries(self.output, frozenset())
+        given = {inp.positions for inp in self.inputs} - {None}
+        for node in self.nodes:
+            axis = getattr(node, "positions", None)
+            if axis is not None and axis not in given:
+                raise ProgramError(
+                    f"{node.label()!r} is indexed by positions {axis!r}, but no Input has them "
+                    f"(a sequence input is Input(name, d, positions={axis!r}))")
 
 
 def _describe(p) -> str:

@@ -502,7 +502,7 @@ class Engine:
         one index form a one-index family)."""
         positioned = [self.atoms[a] for a in key.atoms if self.atoms[a].pos is not None]
         indices = [self.index_of(a.pos) for a in positioned]
-        if len(positioned) == 2 and indices[0] == indices[1]:
+        if len(positioned) == 2 and indices[0] is not None and indices[0] == indices[1]:
             return (positioned[0].copy,)
         return tuple(a.copy for a in positioned)
 
@@ -515,8 +515,10 @@ class Engine:
         if all(p is None for p in poss):
             return syms, (), ()
         idxs = [None if p is None else self.index_of(p) for p in poss]
-        if len(syms) == 2 and None not in poss and idxs[0] is not None and idxs[0] == idxs[1]:
-            i, delta = idxs[0], sp.expand(poss[1] - poss[0])
+        same_index = idxs[0] is not None and idxs[0] == idxs[1]
+        if len(syms) == 2 and None not in poss and (same_index or poss[0] == poss[1]):
+            # one position (a diagonal such as E[(Z^s_T)^2]) or one index with a fixed lag
+            delta = sp.expand(poss[1] - poss[0])
             g = POSITION_INDEX[0]
             return [self.at(syms[0], g), self.at(syms[1], g + delta)], (poss[0],), (g,)
         generic, index, out = [], [], []

@@ -1,0 +1,210 @@
+"""Derivations over positions (sequences): the recursion in (t, r), checked three ways.
+
+1. Structure: the derivation is folded (its equations do not depend on the sequence length),
+   and a weight shared over t is summed over every position pair (TP2 Eq. 12).
+2. Closed forms: the NTK4A simple RNN (TP2 §6.2.1 Eq. 14, App. E.2) against the recursion
+   written directly in NumPy here, from the paper, for sequences of different lengths.
+3. Identities: a weight-tied RNN fed only at t = 1 has the NNGP of the untied MLP of the same
+   depth (Yang 2019, TP0 App. D.6); symmetry and PSD of Gram matrices.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy as sp
+from hypothesis import given, settings, strategies as st
+
+import symntk
+from symntk import (Bias, Input, Program, ProgramError, Readout, Weight, mlp, nonlin)
+from symntk.program import Pool, scan
+
+A = sp.Symbol("a", real=True)
+ERF = sp.Lambda(A, sp.erf(A))
+
+
+def simple_rnn(readout="mean", vw=1, vu=2, vb=sp.Rational(1, 5), vv=1, parametrization="tp",
+               phi=ERF, d=3):
+    """s^t = phi(W s^{t-1} + U xi^t + b), f = v . pool(s) / sqrt(n) (NTK4A's RNN)."""
+    xi = Input("xi", d, positions="t")
+    W = Weight("W", variance=vw, parametrization=parametrization)
+    U = Weight("U", fan_in=d, variance=vu, parametrization=parametrization)
+    b = Bias("b", variance=vb, parametrization=parametrization)
+    s = scan(lambda prev: nonlin(phi, (W @ prev + U @ xi + b).named("h"), name="s"), "t", name="s")
+    v = Weight("v", fan_out=1, variance=vv, parametrization=parametrization)
+    return Program(Readout(v, Pool(s, readout)), name=f"rnn_{readout}")
+
+
+# ----------------------------------------------------------------------------- the reference
+def _verf(s11, s22, s12):
+    return 2 / np.pi * np.arcsin(2 * s12 / np.sqrt((1 + 2 * s11) * (1 + 2 * s22)))
+
+
+def _verf_prime(s11, s22, s12):
+    return 4 / np.pi / np.sqrt((1 + 2 * s11) * (1 + 2 * s22) - 4 * s12 ** 2)
+
+
+def ntk4a_rnn(x, y, vw, vu, vb, vv, mean):
+    """NNGP and NTK of the erf RNN in the TP convention, from TP2 App. E.2 / NTK4A:
+    Sigma^{t,r} = vw C^{t-1,r-1} + vu x^t.y^r/d + vb, C = V_erf(Sigma), backward from the end with
+    D^{s^T, s^R} = vv (last) or vv/(T R) at every (t, r) (mean), D^h = V_erf'(Sigma) D^s, and
+    Theta = sum_{t,r} D^h (C^{t-1,r-1} + x^t.y^r/d + 1) + (the readout's C)."""
+    T, R, d = len(x), len(y), x.shape[1]
+
+    def diagonal(a):
+        s, c = np.zeros(len(a) + 1), np.zeros(len(a) + 1)
+        for t in range(1, len(a) + 1):
+            s[t] = vw * c[t - 1] + vu * a[t - 1] @ a[t - 1] / d + vb
+            c[t] = _verf(s[t], s[t], s[t])
+        return s
+    sx, sy = diagonal(x), diagonal(y)
+    C, S, Dd = (np.zeros((T + 1, R + 1)) for _ in range(3))
+    for t in range(1, T + 1):
+        for r in range(1, R + 1):
+            S[t, r] = vw * C[t - 1, r - 1] + vu * x[t - 1] @ y[r - 1] / d + vb
+            C[t, r] = _verf(sx[t], sy[r], S[t, r])
+            Dd[t, r] = _verf_prime(sx[t], sy[r], S[t, r])
+    Ds, Dh = np.zeros((T + 2, R + 2)), np.zeros((T + 2, R + 2))
+    for t in range(T, 0, -1):
+        for r in range(R, 0, -1):
+            seed = vv / (T * R) if mean else vv * (t == T and r == R)
+            Ds[t, r] = seed + vw * Dh[t + 1, r + 1]
+            Dh[t, r] = Dd[t, r] * Ds[t, r]
+    theta = sum(Dh[t, r] * (C[t - 1, r - 1] + x[t - 1] @ y[r - 1] / d + 1)
+                for t in range(1, T + 1) for r in range(1, R + 1))
+    c_out = C[1:, 1:].mean() if mean else C[T, R]
+    return vv * c_out, theta + c_out
+
+
+@pytest.fixture(scope="module")
+def rnn_derivations():
+    return {how: symntk.derive(simple_rnn(how)) for how in ("mean", "last")}
+
+
+# ----------------------------------------------------------------------------- structure
+@pytest.mark.parametrize("how", ["mean", "last"])
+def test_rnn_recursion_is_folded_in_t_and_r(rnn_derivations, how):
+    d = rnn_derivations[how]
+    families = [e for e in d.equations if isinstance(e.lhs, sp.Indexed)]
+    two_index = [e for e in families if len(e.lhs.indices) == 2]
+    assert two_index, "the cross kernels are a recursion in (t, r)"
+    t, r = sp.symbols("t r", integer=True, positive=True)
+    # forward: C^{s}[t-1, r-1] feeds Sigma[t, r]; backward: D^{h}[t+1, r+1] feeds D^{s}[t, r]
+    reads = {ind.indices for e in families for ind in e.rhs.atoms(sp.Indexed)}
+    assert (t - 1, r - 1) in reads and (t + 1, r + 1) in reads
+    # one equation per family, whatever the lengths: no equation per position pair
+    assert len(d.equations) == len({e.lhs.base if isinstance(e.lhs, sp.Indexed) else e.lhs
+                                    for e in d.equations})
+    assert set(d.ntk_terms) == {"W", "U", "b", "v"}
+    assert d.parameters() == set()
+
+
+def test_shared_weight_is_summed_over_position_pairs(rnn_derivations):
+    term = rnn_derivations["mean"].ntk_terms["W"]
+    assert isinstance(term, sp.Sum)
+    assert {lim[0].name for lim in term.limits} == {"t", "r"}
+
+
+# ----------------------------------------------------------------------------- closed forms
+@pytest.mark.parametrize("how", ["mean", "last"])
+def test_ntk4a_rnn_equals_the_paper_recursion(rnn_derivations, how):
+    rng = np.random.default_rng(1)
+    X1, X2 = rng.standard_normal((3, 4, 3)), rng.standard_normal((2, 6, 3))
+    K = rnn_derivations[how].gram(X1, X2)
+    ref = np.array([[ntk4a_rnn(a, b, 1, 2, 0.2, 1, how == "mean") for b in X2] for a in X1])
+    np.testing.assert_allclose(K.nngp, ref[..., 0], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(K.ntk, ref[..., 1], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("how", ["mean", "last"])
+def test_diagonal_system_equals_the_pair_recursion(rnn_derivations, how):
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((3, 5, 3))
+    K = rnn_derivations[how].gram(X)            # diagonal from the same-input system
+    ref = np.array([[ntk4a_rnn(a, b, 1, 2, 0.2, 1, how == "mean") for b in X] for a in X])
+    np.testing.assert_allclose(K.ntk, ref[..., 1], rtol=1e-10)
+    np.testing.assert_allclose(K.nngp, ref[..., 0], rtol=1e-10)
+
+
+def test_ntk_parametrization_scales_each_term_by_its_variance():
+    """Jacot/NT convention = TP convention with each weight term times sigma^2 (TP2 §4)."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((2, 3, 3))
+    tp = symntk.derive(simple_rnn("last", parametrization="tp")).gram(X, X)
+    ntk = symntk.derive(simple_rnn("last", parametrization="ntk")).gram(X, X)
+    for name, var in [("W", 1), ("U", 2), ("b", 0.2), ("v", 1)]:
+        np.testing.assert_allclose(ntk.ntk_terms[name], var * tp.ntk_terms[name], rtol=1e-12)
+    np.testing.assert_allclose(ntk.nngp, tp.nngp, rtol=1e-13)
+
+
+# ----------------------------------------------------------------------------- identities
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_tied_rnn_fed_once_has_the_untied_mlp_nngp(T):
+    """Input only at t = 1: s^t is layer t of an MLP whose hidden weights are all W; its forward
+    kernels equal the untied MLP's (TP0 App. D.6)."""
+    d = 3
+    relu = sp.Lambda(A, sp.Max(0, A))
+    prog = simple_rnn("last", vw=2, vu=2, vb=sp.Rational(1, 10), vv=2, phi=relu,
+                      parametrization="ntk", d=d)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, d))
+    X = np.zeros((3, T, d))
+    X[:, 0] = x
+    K = symntk.derive(prog).gram(X)
+    ref = mlp(T, "relu", weight_std=np.sqrt(2), bias_std=np.sqrt(0.1), input_dim=d,
+              readout_bias=False)
+    Kmlp = symntk.derive(ref).gram(x)
+    np.testing.assert_allclose(K.nngp, Kmlp.nngp, rtol=1e-10)
+
+
+@settings(deadline=None, max_examples=8)
+@given(st.integers(1, 4), st.integers(1, 4), st.sampled_from(["mean", "last"]),
+       st.integers(0, 10 ** 6))
+def test_rnn_gram_is_symmetric_psd(T, n, how, seed):
+    d = symntk.derive(simple_rnn(how))
+    X = np.random.default_rng(seed).standard_normal((n + 1, T, 3))
+    K = d.gram(X)
+    for M in (K.ntk, K.nngp):
+        np.testing.assert_allclose(M, M.T, rtol=1e-12, atol=1e-15)
+        assert np.linalg.eigvalsh(M).min() > -1e-10 * np.abs(M).max()
+
+
+def test_exact_mode_on_a_bp_like_rnn_is_gia(rnn_derivations):
+    ex = symntk.derive(simple_rnn("mean"), mode="exact")
+    assert ex.mode == "exact"
+    X = np.random.default_rng(5).standard_normal((2, 3, 3))
+    np.testing.assert_allclose(ex.gram(X).ntk, rnn_derivations["mean"].gram(X).ntk, rtol=1e-13)
+    assert symntk.gia_check(simple_rnn("mean")).holds
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_sequence_inputs_are_named(rnn_derivations):
+    d = rnn_derivations["last"]
+    with pytest.raises(ValueError, match=r"shape \(N, T, d\)"):
+        d.gram(np.ones((2, 3)))
+    X = np.ones((2, 3, 3))
+    X[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN.*sequence 1, token 2"):
+        d.gram(X)
+    with pytest.raises(ValueError, match="T = 0"):
+        d.gram(np.ones((2, 0, 3)))
+    with pytest.raises(ValueError, match="dimension 4"):
+        d.gram(np.ones((2, 3, 4)))
+
+
+def test_positioned_programs_are_validated():
+    xi = Input("xi", 3, positions="t")
+    x = Input("x", 3)
+    W = Weight("W")
+    U = Weight("U", fan_in=3)
+    with pytest.raises(ProgramError, match="pool it first"):
+        Readout(Weight("v", fan_out=1), nonlin("relu", U @ xi))
+    with pytest.raises(ProgramError, match="no positions to pool"):
+        Pool(U @ x)
+    with pytest.raises(ProgramError, match="different positions"):
+        (U @ xi) + (U @ Input("y", 3, positions="u"))
+    with pytest.raises(ProgramError, match="must be indexed by the positions"):
+        scan(lambda prev: U @ x, "t")
+    with pytest.raises(ProgramError, match="no Input has them"):
+        Program(Readout(Weight("v", fan_out=1), Pool(scan(lambda prev: W @ prev + U @ x, "t"))))
+    with pytest.raises(ProgramError, match="position-free"):
+        scan(lambda prev: W @ prev + U @ xi, "t", init=U @ xi)
