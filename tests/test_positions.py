@@ -208,3 +208,41 @@ def test_positioned_programs_are_validated():
         Program(Readout(Weight("v", fan_out=1), Pool(scan(lambda prev: W @ prev + U @ x, "t"))))
     with pytest.raises(ProgramError, match="position-free"):
         scan(lambda prev: W @ prev + U @ xi, "t", init=U @ xi)
+
+
+# ----------------------------------------------------------------------------- compiled kernels
+@pytest.fixture(scope="module")
+def compiled_rnns(rnn_derivations):
+    return {how: d.compile() for how, d in rnn_derivations.items()}
+
+
+@pytest.mark.parametrize("how", ["mean", "last"])
+def test_compiled_rnn_equals_the_reference(rnn_derivations, compiled_rnns, how):
+    rng = np.random.default_rng(6)
+    X1, X2 = rng.standard_normal((4, 3, 3)), rng.standard_normal((3, 5, 3))
+    k, d = compiled_rnns[how], rnn_derivations[how]
+    for A, B in ((X1, X2), (X1, None)):
+        K, R = k(A, B), d.gram(A, B)
+        np.testing.assert_allclose(K.ntk, R.ntk, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(K.nngp, R.nngp, rtol=1e-12, atol=1e-15)
+        for name in R.ntk_terms:
+            np.testing.assert_allclose(K.ntk_terms[name], R.ntk_terms[name], rtol=1e-12,
+                                       atol=1e-15)
+
+
+def test_compiled_relu_rnn_and_kernel_entry_point():
+    relu = sp.Lambda(A, sp.Max(0, A))
+    prog = simple_rnn("mean", vw=2, vu=1, vb=0, phi=relu, parametrization="ntk")
+    rng = np.random.default_rng(7)
+    X1, X2 = rng.standard_normal((3, 4, 3)), rng.standard_normal((2, 2, 3))
+    K = symntk.kernel(prog, X1, X2)
+    R = symntk.derive(prog).gram(X1, X2)
+    np.testing.assert_allclose(K.ntk, R.ntk, rtol=1e-12)
+    np.testing.assert_allclose(K.nngp, R.nngp, rtol=1e-12)
+
+
+def test_compiled_kernel_refuses_bad_sequences(compiled_rnns):
+    with pytest.raises(ValueError, match=r"shape \(N, T, d\)"):
+        compiled_rnns["mean"](np.ones((2, 3)))
+    with pytest.raises(ValueError, match="T = 0"):
+        compiled_rnns["mean"](np.ones((2, 0, 3)))
