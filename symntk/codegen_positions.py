@@ -245,6 +245,47 @@ def _emit_nests(em, pr, depth, nests, fams, store_of):
             em.emit(d, f"{store_of(label).format(*[str(g) for g in fam.generic])} = {tmp}")
 
 
+def _hoist(cross: dict, one: dict) -> None:
+    """Move subexpressions of the cross recursions that read one sequence only (e.g.
+    sqrt(1 + 2 q^t) in V_erf) into new families of that sequence, computed once per input
+    instead of once per pair and position pair."""
+    made = {}
+
+    def side_of(expr):
+        reads = expr.atoms(sp.Indexed)
+        labels = {r.base.label for r in reads} | {r.base for r in reads} | reads
+        others = expr.free_symbols - labels - {i for r in reads for i in r.indices}
+        if not reads or any(not str(o).startswith(("theta[", "T0", "T1")) for o in others):
+            return None
+        keys = set()
+        for r in reads:
+            fam = one.get(r.base.label)
+            if fam is None or len(fam.axes) != 1 or not isinstance(r.indices[0], sp.Symbol):
+                return None
+            keys.add((fam.axes[0], r.indices[0]))
+        return keys.pop() if len(keys) == 1 else None
+
+    def costly(expr):
+        return any(isinstance(a, sp.Function) or (isinstance(a, sp.Pow) and not a.exp.is_Integer)
+                   for a in sp.preorder_traversal(expr))
+
+    def visit(expr):
+        if isinstance(expr, (sp.Indexed, sp.Symbol, sp.Number)) or not expr.args:
+            return expr
+        key = side_of(expr)
+        if key is not None and costly(expr):
+            side, index = key
+            if expr not in made:
+                label = sp.Symbol(f"H{len(made)}_{side}")
+                one[label] = _Family(label, (index,), (side,), expr)
+                made[expr] = label
+            return sp.IndexedBase(made[expr])[index]
+        return expr.func(*[visit(a) for a in expr.args])
+
+    for fam in cross.values():
+        fam.rhs = visit(fam.rhs)
+
+
 def _check_closed(d: Derivation):
     from .gaussian import GaussianExpectation
     for e in d.equations:
@@ -267,9 +308,16 @@ def _source(pair: Derivation, diag: Derivation, params: list) -> tuple[str, list
     names = {s: f"theta[{k}]" for k, s in enumerate(params)}
     term_names = list(pair.ntk_terms)
 
+    def subst(expr):
+        return expr.xreplace({s: sp.Symbol(n) for s, n in names.items()}).xreplace(
+            {LENGTH[0]: sp.Symbol("T0"), LENGTH[1]: sp.Symbol("T1")})
+
     # ---- storage templates
     one = {l: f for l, f in fams.items() if set(f.axes) <= {0} or set(f.axes) <= {1}}
     cross = {l: f for l, f in fams.items() if l not in one}
+    for f in fams.values():
+        f.rhs = subst(f.rhs)
+    _hoist(cross, one)
 
     def per_input_store(label, fam, row):
         dims = ", ".join("{%d}" % k for k in range(len(fam.axes)))
@@ -292,11 +340,7 @@ def _source(pair: Derivation, diag: Derivation, params: list) -> tuple[str, list
     from .codegen import _helpers_source
     em.lines.extend(_helpers_source().splitlines())
 
-    def subst(expr):
-        return expr.xreplace({s: sp.Symbol(n) for s, n in names.items()}).xreplace(
-            {LENGTH[0]: sp.Symbol("T0"), LENGTH[1]: sp.Symbol("T1")})
-
-    for f in list(fams.values()) + list(dfams.values()):
+    for f in dfams.values():
         f.rhs = subst(f.rhs)
     pair_outputs = [subst(pair.nngp if pair.nngp is not None else sp.Integer(0))] + \
         [subst(pair.ntk_terms[n]) for n in term_names]
@@ -314,7 +358,7 @@ def _source(pair: Derivation, diag: Derivation, params: list) -> tuple[str, list
         k_in = [l for l, info in pair.inputs.items() if info.copies == (copy, copy)]
         args = ", ".join(["X", "theta"] + [_ident(l) for l in mine])
         em.emit(0, "")
-        em.emit(0, "@njit(cache=CACHE, parallel=True)")
+        em.emit(0, "@njit(cache=CACHE, parallel=True, error_model='numpy')")
         em.emit(0, f"def per_input_{copy}({args}):")
         em.emit(1, f"N, T{copy}, dim = X.shape")
         em.emit(1, f"for {side} in prange(N):")
@@ -330,7 +374,7 @@ def _source(pair: Derivation, diag: Derivation, params: list) -> tuple[str, list
     carg = ", ".join(["X1", "X2", "theta", "symmetric", "out"] +
                      [_ident(l) for l in one])
     em.emit(0, "")
-    em.emit(0, "@njit(cache=CACHE, parallel=True)")
+    em.emit(0, "@njit(cache=CACHE, parallel=True, error_model='numpy')")
     em.emit(0, f"def pairs({carg}):")
     em.emit(1, "N1, T0, dim = X1.shape")
     em.emit(1, "N2, T1, _ = X2.shape")
@@ -369,7 +413,7 @@ def _source(pair: Derivation, diag: Derivation, params: list) -> tuple[str, list
     dpr = _Printer(dstorage)
     dpr.p.names.update(pr.p.names)
     em.emit(0, "")
-    em.emit(0, "@njit(cache=CACHE, parallel=True)")
+    em.emit(0, "@njit(cache=CACHE, parallel=True, error_model='numpy')")
     em.emit(0, "def diagonal(X, theta, out):")
     em.emit(1, "N, T0, dim = X.shape")
     em.emit(1, "T1 = T0")
