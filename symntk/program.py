@@ -20,7 +20,8 @@ Node kinds (theory §1.1-1.3):
 =================  =====================================================================
 
 Every weight and bias carries its variance (a SymPy expression, so formulas keep ``sigma_w^2``
-symbolic until numbers are bound), its fan-in, and its parametrization (theory §1.5):
+symbolic until numbers are bound; a numeric NaN, infinite, complex or negative variance is refused
+when the node is built), its fan-in, and its parametrization (theory §1.5):
 
 * ``"ntk"``  Jacot / Neural Tangents: W = sigma/sqrt(fan_in) * omega, omega ~ N(0, 1) trained,
 * ``"tp"``   Tensor Programs / NTK4A: omega ~ N(0, sigma^2) trained, W = omega / sqrt(fan_in),
