@@ -1,6 +1,6 @@
 """The tensor-program IR (symntk.program): construction, validation and graph queries.
 
-No derivation here: only what the IR itself promises (NETSOR-T programs, TP2 §2 / TP3 §2):
+No derivation here: only what the IR itself promises (NETSOR-T programs, TP2 Def. 7.1, TP3 Def. 2.1):
 immutable, structurally equal nodes; dimensions checked as nodes are built, with errors naming
 the node; hyper-parameters refused where they enter.
 """
