@@ -1,8 +1,8 @@
 """The tensor-program IR (symntk.program): construction, validation and graph queries.
 
-No derivation here: only what the IR itself promises (NETSOR-T programs, TP2 Def. 7.1, TP3 Def. 2.1):
-immutable, structurally equal nodes; dimensions checked as nodes are built, with errors naming
-the node; hyper-parameters refused where they enter.
+No derivation here: only what the IR itself promises (NETSOR-T programs, TP2 Def. 7.1,
+TP3 Def. 2.1): immutable, structurally equal nodes; dimensions checked as nodes are built, with
+errors naming the node; hyper-parameters refused where they enter.
 """
 from __future__ import annotations
 
@@ -158,6 +158,7 @@ def test_bad_dimensions_name_the_node(dim):
 
 # =============================================================================== transpose
 def test_transpose_of_transpose_is_the_weight():
+    """Trsp: A : A(n1, n2) gives A^T : A(n2, n1), and (A^T)^T is A itself (TP3 Def. 2.1)."""
     m = sp.Symbol("m", positive=True, integer=True)
     W = Weight("W", fan_out=m, variance=2)
     assert W.T.T == W and Transpose(W).T is W
