@@ -123,7 +123,7 @@ def test_matmul_dimension_mismatch_names_the_weight_and_vector():
 
 def test_matmul_operands_are_checked():
     h = Bias("h")
-    with pytest.raises(ProgramError, match="a matrix multiplies a width-space vector, not a Weight"):
+    with pytest.raises(ProgramError, match="multiplies a width-space vector, not a Weight"):
         Weight("W") @ Weight("V")
     with pytest.raises(ProgramError, match="MatMul needs a Weight or its transpose, got Bias"):
         MatMul(h, h)
@@ -270,7 +270,7 @@ def test_repeat_validation_names_the_loop():
         Repeat(L, 2, 1, c, c + 1, h)
     with pytest.raises(ProgramError, match="the init of Repeat 'c' uses its own carry"):
         Repeat(L, 1, 2, c, c + 1, c * 2)
-    with pytest.raises(ProgramError, match="the body of repeat 'z' must return a vector, got Weight"):
+    with pytest.raises(ProgramError, match="body of repeat 'z' must return a vector, got Weight"):
         repeat(lambda carry, l: Weight("W"), h, 1, 2, name="z")
 
 
@@ -338,8 +338,8 @@ def test_readout_validation_names_the_weight():
 # ========================================================================= parametrizations
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_every_parametrization_is_accepted(parametrization):
-    for p in (Weight("W", parametrization=parametrization), Bias("b", parametrization=parametrization),
-              OutputBias(parametrization=parametrization)):
+    for p in (Weight("W", parametrization=parametrization),
+              Bias("b", parametrization=parametrization), OutputBias(parametrization=parametrization)):
         assert p.parametrization == parametrization
 
 
