@@ -20,7 +20,8 @@ Node kinds (theory §1.1-1.3):
 =================  =====================================================================
 
 Every weight and bias carries its variance (a SymPy expression, so formulas keep ``sigma_w^2``
-symbolic until numbers are bound), its fan-in, and its parametrization (theory §1.5):
+symbolic until numbers are bound; a numeric NaN, infinite, complex or negative variance is refused
+when the node is built), its fan-in, and its parametrization (theory §1.5):
 
 * ``"ntk"``  Jacot / Neural Tangents: W = sigma/sqrt(fan_in) * omega, omega ~ N(0, 1) trained,
 * ``"tp"``   Tensor Programs / NTK4A: omega ~ N(0, sigma^2) trained, W = omega / sqrt(fan_in),
@@ -60,8 +61,25 @@ def _expr(value, what: str) -> sp.Expr:
         raise ProgramError(f"{what} must be a number or a SymPy expression, got {value!r}") from exc
     if not isinstance(expr, sp.Expr):
         raise ProgramError(f"{what} must be a scalar expression, got {value!r}")
-    if expr.is_number and expr.is_negative:
-        raise ProgramError(f"{what} must be non-negative, got {expr}")
+    return expr
+
+
+_NOT_FINITE = (sp.S.NaN, sp.S.Infinity, sp.S.NegativeInfinity, sp.S.ComplexInfinity)
+
+
+def _variance(value, what: str) -> sp.Expr:
+    """A variance sigma^2: a finite, real, non-negative number, or a SymPy expression (e.g. a
+    symbolic ``sigma_w**2``) that is not known to be otherwise.  Refused where it enters, so a
+    NaN never reaches a kernel as a misleading downstream error."""
+    expr = _expr(value, what)
+    if expr.has(sp.S.NaN):
+        raise ProgramError(f"{what} is not a number: got {value!r}")
+    if expr.has(*_NOT_FINITE) or expr.is_finite is False:
+        raise ProgramError(f"{what} must be finite, got {value!r}")
+    if expr.is_extended_real is False:
+        raise ProgramError(f"{what} must be real, got {value!r}")
+    if expr.is_nonnegative is False:
+        raise ProgramError(f"{what} must be non-negative, got {value!r}")
     return expr
 
 
@@ -150,7 +168,7 @@ class Weight(Node):
                 parametrization: str = "ntk", index=None):
         return super().__new__(
             cls, Str(_str(name)), _dim(fan_out, f"fan_out of weight {name!r}"),
-            _dim(fan_in, f"fan_in of weight {name!r}"), _expr(variance, f"variance of weight {name!r}"),
+            _dim(fan_in, f"fan_in of weight {name!r}"), _variance(variance, f"variance of weight {name!r}"),
             _parametrization(parametrization), _index(index))
 
     name = property(lambda self: self.args[0].name)
@@ -302,7 +320,7 @@ class Bias(Vector):
 
     def __new__(cls, name: str, dim=WIDTH, variance=1, parametrization: str = "ntk", index=None):
         return super().__new__(cls, Str(_str(name)), _dim(dim, f"dimension of bias {name!r}"),
-                               _expr(variance, f"variance of bias {name!r}"),
+                               _variance(variance, f"variance of bias {name!r}"),
                                _parametrization(parametrization), _index(index))
 
     name = property(lambda self: self.args[0].name)
@@ -599,7 +617,7 @@ class OutputBias(Node):
     """The scalar bias of a readout (Neural Tangents' Dense readout has one)."""
 
     def __new__(cls, name: str = "b_out", variance=1, parametrization: str = "ntk"):
-        return super().__new__(cls, Str(_str(name)), _expr(variance, f"variance of bias {name!r}"),
+        return super().__new__(cls, Str(_str(name)), _variance(variance, f"variance of output bias {name!r}"),
                                _parametrization(parametrization))
 
     name = property(lambda self: self.args[0].name)

@@ -42,17 +42,7 @@ SW, SB = sp.Symbol("sigma_w", positive=True), sp.Symbol("sigma_b", positive=True
 
 
 # ======================================================================== session fixtures
-@pytest.fixture(scope="session", autouse=True)
-def kernel_cache(tmp_path_factory):
-    """A fresh $SYMNTK_CACHE_DIR for the session (cold cache: every kernel compiles)."""
-    path = tmp_path_factory.mktemp("symntk-cache")
-    old = os.environ.get("SYMNTK_CACHE_DIR")
-    os.environ["SYMNTK_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("SYMNTK_CACHE_DIR", None)
-    else:
-        os.environ["SYMNTK_CACHE_DIR"] = old
+# ``kernel_cache`` (the session's private, cold $SYMNTK_CACHE_DIR) lives in conftest.py.
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,11 +18,12 @@ import sympy as sp
 from hypothesis import given, settings, strategies as st
 from sympy import Lambda, Max, Symbol, erf, tanh
 
+from symntk.activations import ACTIVATIONS as _REGISTRY
 from symntk.builders import mlp, residual_mlp, tied_mlp
 from symntk.convergence import ConvergenceRecord, convergence, plot_convergence
 from symntk.finite import FiniteNetwork, empirical_ntk, monte_carlo, sample
-from symntk.program import (WIDTH, Bias, FixedReadout, Input, Nonlin, OutputBias, Program, Readout,
-                            Weight, nonlin)
+from symntk.program import (PARAMETRIZATIONS, WIDTH, Bias, FixedReadout, Input, Nonlin, OutputBias,
+                            Program, Readout, Weight, nonlin)
 
 x = Symbol("x", real=True)
 RELU = Lambda(x, Max(0, x))
@@ -79,7 +80,7 @@ def rel_err(a, b):
 
 
 # ----------------------------------------------------------------------------- structured = brute force
-@pytest.mark.parametrize("parametrization", ["ntk", "tp", "standard"])
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 @pytest.mark.parametrize("case", sorted(STRUCTURED_CASES))
 def test_structured_ntk_equals_jacobian_contraction(case, parametrization):
     program, width = STRUCTURED_CASES[case]
@@ -100,7 +101,7 @@ def test_structured_ntk_equals_jacobian_contraction(case, parametrization):
 
 @settings(max_examples=12, deadline=None)
 @given(n=st.integers(2, 9), m=st.integers(2, 9), seed=st.integers(0, 2**31),
-       parametrization=st.sampled_from(["ntk", "tp", "standard"]))
+       parametrization=st.sampled_from(PARAMETRIZATIONS))
 def test_structured_equals_jacobian_random_shapes(n, m, seed, parametrization):
     program = transpose_program(act=TANH)
     X1 = np.random.default_rng(seed).standard_normal((4, 3))
@@ -163,7 +164,7 @@ def fd_trained_jacobian(net: FiniteNetwork, X, parametrization, eps=1e-6):
     return jac
 
 
-@pytest.mark.parametrize("parametrization", ["ntk", "tp", "standard"])
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 @pytest.mark.parametrize("case", ["transpose", "two_input", "tied"])
 def test_reverse_mode_matches_finite_differences(case, parametrization):
     program = {"transpose": transpose_program(act=TANH), "two_input": two_input_program(),
@@ -181,11 +182,9 @@ def test_reverse_mode_matches_finite_differences(case, parametrization):
     assert rel_err(ntk, ntk_fd) < 1e-7
 
 
-try:  # the colleague-maintained activation registry, when present
-    from symntk.activations import ACTIVATIONS as _REGISTRY
-    REGISTRY = sorted(name for name in _REGISTRY if name != "polynomial")
-except Exception:  # pragma: no cover - registry not available
-    REGISTRY = []
+#: every registered activation; constructors that need parameters get them here
+_SPECS = {"polynomial": "polynomial(0.5, 1, -0.3)"}
+REGISTRY = [_SPECS.get(name, name) for name in sorted(_REGISTRY)]
 
 
 @pytest.mark.parametrize("name", REGISTRY)
