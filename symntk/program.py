@@ -125,6 +125,14 @@ class Node(Basic):
     #: The vectors (and Moment scalars) this node reads, whose cotangents it feeds in backprop.
     operands: tuple = ()
 
+    def __setattr__(self, name, value):
+        # Nodes are values (hash-consed, shared by every program using them): only SymPy's own
+        # slots are ever written, by Basic.__new__.
+        if not any(name in getattr(k, "__slots__", ()) for k in type(self).__mro__):
+            raise AttributeError(f"IR nodes are immutable: cannot set {name!r} on "
+                                 f"{type(self).__name__}")
+        super().__setattr__(name, value)
+
     def label(self) -> str:
         """A short human name for error messages and printing."""
         return type(self).__name__
