@@ -177,9 +177,9 @@ class _Names:
         if ("dual",) not in self.where:
             self.where[("dual",)] = (
                 r"V_{\phi,\psi}(q,q',\rho)",
-                r"\mathbb{E}\left[\phi(u)\,\psi(v)\right],\quad (u,v) \sim \mathcal{N}\left(0,\, "
-                r"\left(\begin{smallmatrix}q & \rho\sqrt{q q'} \\ \rho\sqrt{q q'} & q'"
-                r"\end{smallmatrix}\right)\right)", "dual activation, TP2 Def. E.1")
+                r"\mathbb{E}\left[\phi(u)\,\psi(v)\right] \text{ for centred jointly Gaussian } u, v"
+                r" \text{ with } \mathbb{E}u^{2} = q,\ \mathbb{E}v^{2} = q',\ \mathbb{E}uv = \rho\sqrt{q q'}",
+                "dual activation, TP2 Def. E.1")
         self.where.setdefault(("dual", entry.name), (
             rf"{entry.name}({','.join(sp.latex(p) for p in params)})",
             _tex(entry.dual(_Q, _Q2, _RHO), self), entry.reference))
