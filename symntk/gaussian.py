@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -47,6 +48,7 @@ import mpmath
 import sympy
 from sympy import DiracDelta, Heaviside, ImmutableMatrix, Max, Min, erf, exp, pi, sqrt
 from sympy.core.function import Application
+from sympy.core.symbol import Str
 
 from .activations import X, activation
 
@@ -55,6 +57,8 @@ __all__ = [
     "GaussianExpectation",
     "numeric_expectation",
     "vtransform",
+    "ClosedForm",
+    "DualActivation",
     "MEAN_RULES",
     "PAIR_RULES",
 ]
@@ -272,18 +276,46 @@ def _erf_step(s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
     return sympy.asin(sqrt(2) * s12 / (sqrt(s22) * sqrt(1 + 2 * s11))) / pi
 
 
-#: ``(head1, head2) -> f(S11, S12, S22, c)`` with ``E head1(g1) head2(g2) = f(...)``,
+@dataclass(frozen=True)
+class ClosedForm:
+    r"""One entry of :data:`PAIR_RULES`: the closed form and the name the papers give it.
+
+    ``rule(S11, S12, S22, c)`` is the expectation.  ``name`` (LaTeX) names the *dual
+    activation* it defines, the V-transform of TP2 Def. E.1 written in the variances and the
+    correlation, as Cho & Saul (2009) and Daniely et al. (2016) write it:
+
+        V(q, q', rho) = E head1(g1) head2(g2),  (g1, g2) ~ N(0, [[q, rho sqrt(q q')], [., q']]),
+
+    i.e. :meth:`dual`.  ``reference`` says where the formula comes from.  Printers show
+    ``name(...)`` with :meth:`dual` as its definition; the numbers always come from ``rule``.
+    """
+
+    rule: Callable[[Expr, Expr, Expr, Expr], Expr]
+    name: str | None = None
+    reference: str = ""
+
+    def __call__(self, s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
+        return self.rule(s11, s12, s22, c)
+
+    def dual(self, q: Expr, q2: Expr, rho: Expr) -> Expr:
+        """The rule in variances ``q, q'`` and correlation ``rho``: S12 = rho sqrt(q) sqrt(q')."""
+        return self.rule(q, rho * sqrt(q) * sqrt(q2), q2, rho)
+
+
+#: ``(head1, head2) -> ClosedForm`` with ``E head1(g1) head2(g2) = rule(S11, S12, S22, c)``,
 #: ``(g1, g2)`` centred Gaussians, ``c = S12/sqrt(S11 S22)``.  The same head twice on one
 #: linear form (the diagonal, e.g. ``E relu(L)^2 = Var/2``) is the entry at
 #: ``S11 = S12 = S22 = Var, c = 1``.  A pair missing here is looked up reversed.
-PAIR_RULES: Mapping[tuple[str, str], Callable[[Expr, Expr, Expr, Expr], Expr]] = MappingProxyType(
+PAIR_RULES: Mapping[tuple[str, str], ClosedForm] = MappingProxyType(
     {
-        ("relu", "relu"): _relu_relu,
-        ("step", "step"): _step_step,
-        ("relu", "step"): _relu_step,
-        ("erf", "erf"): _erf_erf,
-        ("erf", "relu"): _erf_relu,
-        ("erf", "step"): _erf_step,
+        ("relu", "relu"): ClosedForm(
+            _relu_relu, r"V_{\mathrm{relu}}", "arc-cosine kernel of degree 1: TP2 Fact E.2, Cho & Saul 2009"),
+        ("step", "step"): ClosedForm(
+            _step_step, r"V_{\mathrm{step}}", "arc-cosine kernel of degree 0: TP2 Fact E.2, Cho & Saul 2009"),
+        ("relu", "step"): ClosedForm(_relu_step, r"V_{\mathrm{relu},\mathrm{step}}", "Stein's lemma"),
+        ("erf", "erf"): ClosedForm(_erf_erf, r"V_{\mathrm{erf}}", "TP2 Fact E.3, Williams 1997"),
+        ("erf", "relu"): ClosedForm(_erf_relu, r"V_{\mathrm{erf},\mathrm{relu}}", "Stein's lemma"),
+        ("erf", "step"): ClosedForm(_erf_step, r"V_{\mathrm{erf},\mathrm{step}}", "arcsine law"),
     }
 )
 
@@ -596,8 +628,8 @@ def _rule_stein(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | No
     return sympy.Add(*total)
 
 
-def _rule_heads(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | None:
-    """ReLU / step / erf heads of one or two linear forms: MEAN_RULES and PAIR_RULES."""
+def _table_heads(term: Expr, variables: tuple) -> list[tuple[str, Vec]] | None:
+    """``term`` as table heads of linear forms ``[(head, a)]`` (with multiplicity), else None."""
     heads: list[tuple[str, Vec]] = []
     for base, n in _factors(term):
         entry = _HEADS.get(type(base))
@@ -606,22 +638,79 @@ def _rule_heads(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | No
         if vec is None:
             return None
         heads.extend([(entry[0], vec)] * n)
+    return heads
+
+
+def _pair_entry(heads: list[tuple[str, Vec]]) -> tuple[ClosedForm, Vec, Vec] | None:
+    """The PAIR_RULES entry of two heads, roles swapped if only the reversed pair is listed."""
+    (n1, a), (n2, b) = heads
+    if (n1, n2) not in PAIR_RULES:
+        (n1, a), (n2, b) = (n2, b), (n1, a)
+    rule = PAIR_RULES.get((n1, n2))
+    return None if rule is None else (rule, a, b)
+
+
+def _rule_heads(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | None:
+    """ReLU / step / erf heads of one or two linear forms: MEAN_RULES and PAIR_RULES."""
+    heads = _table_heads(term, variables)
+    if heads is None:
+        return None
     if len(heads) == 1:
         (name, a), = heads
         rule = MEAN_RULES.get(name)
         return rule(_quad(a, a, cov)) if rule else None
     if len(heads) == 2:
-        (n1, a), (n2, b) = heads
-        if (n1, n2) not in PAIR_RULES:
-            (n1, a), (n2, b) = (n2, b), (n1, a)
-        rule = PAIR_RULES.get((n1, n2))
-        if rule is None:
+        found = _pair_entry(heads)
+        if found is None:
             return None
+        rule, a, b = found
         if a == b:  # the same Gaussian twice: the diagonal, c = 1
             v = _quad(a, a, cov)
             return rule(v, v, v, sympy.S.One)
         return rule(*_pair_stats(a, b, cov))
     return None
+
+
+class DualActivation(sympy.Expr):
+    r"""An unevaluated named entry of :data:`PAIR_RULES`: ``V(S11, S12, S22, c)``.
+
+    ``args = (Tuple(Str(head1), Str(head2)), S11, S12, S22, c)``.  ``doit()`` is the entry's
+    closed form; :func:`expect` with ``named=True`` returns these nodes so that a printer can
+    show the dual activation by name (:class:`ClosedForm`).
+    """
+
+    is_commutative = True
+
+    @property
+    def entry(self) -> ClosedForm:
+        return PAIR_RULES[tuple(str(h) for h in self.args[0])]
+
+    @property
+    def stats(self) -> tuple[Expr, Expr, Expr, Expr]:
+        """``(S11, S12, S22, c)``."""
+        return tuple(self.args[1:])
+
+    def doit(self, deep: bool = True, **hints: Any) -> Expr:
+        return self.entry(*self.stats)
+
+    def _eval_is_extended_real(self) -> bool | None:
+        return True
+
+    def _sympystr(self, printer: Any) -> str:
+        heads = ", ".join(str(h) for h in self.args[0])
+        return f"V[{heads}]({', '.join(printer._print(a) for a in self.stats)})"
+
+
+def _named_pair(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | None:
+    """A :class:`DualActivation` for two named table heads of non-proportional forms, else None."""
+    heads = _table_heads(term, variables)
+    if heads is None or len(heads) != 2:
+        return None
+    found = _pair_entry(heads)
+    if found is None or found[0].name is None or _ratio(found[1], found[2]) is not None:
+        return None
+    key = next(k for k, v in PAIR_RULES.items() if v is found[0])
+    return DualActivation(sympy.Tuple(*map(Str, key)), *_pair_stats(found[1], found[2], cov))
 
 
 def _rule_step_absorb(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | None:
@@ -665,20 +754,23 @@ _RULES: tuple[Callable[[Expr, tuple, ImmutableMatrix], Expr | None], ...] = (
 
 
 @functools.lru_cache(maxsize=4096)
-def _reduce(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr:
+def _reduce(term: Expr, variables: tuple, cov: ImmutableMatrix, named: bool = False) -> Expr:
     for rule in _RULES:
         out = rule(term, variables, cov)
         if out is not None:
+            if named and rule is _rule_heads:
+                dual = _named_pair(term, variables, cov)
+                return out if dual is None else dual
             return out
     return GaussianExpectation(term, variables, cov)
 
 
-def _reduce_term(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr:
+def _reduce_term(term: Expr, variables: tuple, cov: ImmutableMatrix, named: bool = False) -> Expr:
     """Marginalise to the variables the term uses, then apply the rules."""
     used = [i for i, v in enumerate(variables) if term.has(v)]
     if not used:
         return term
-    return _reduce(term, tuple(variables[i] for i in used), ImmutableMatrix(cov.extract(used, used)))
+    return _reduce(term, tuple(variables[i] for i in used), ImmutableMatrix(cov.extract(used, used)), named)
 
 
 # ======================================================================================
@@ -705,14 +797,16 @@ def _check(variables: Iterable[Any], cov: Any) -> tuple[tuple[sympy.Symbol, ...]
     return variables, cov
 
 
-def expect(integrand: Any, variables: Iterable[sympy.Symbol], cov: Any) -> Expr:
+def expect(integrand: Any, variables: Iterable[sympy.Symbol], cov: Any, named: bool = False) -> Expr:
     r"""E_{u ~ N(0, cov)} integrand(u), in closed form where the rule table allows.
 
     ``variables`` are real Symbols ``u_1..u_k``; ``cov`` is a symmetric ``k x k``
     matrix of arbitrary expressions (kernel symbols, ``sigma_w**2 * C``, ...), treated
     as an opaque positive-semidefinite parameter.  Linearity is applied first; terms no
     rule reduces are returned as :class:`GaussianExpectation` nodes over the variables
-    they use.  See the module docstring for the pipeline.
+    they use.  See the module docstring for the pipeline.  ``named=True`` leaves each term the
+    pair table reduces (two heads of non-proportional forms) as a :class:`DualActivation`
+    node, for printing; ``.doit()`` on those nodes gives the result of ``named=False``.
 
     >>> u, v = sympy.symbols("u v", real=True)
     >>> expect(u**2 * v**2, (u, v), [[1, 0], [0, 2]])
@@ -724,7 +818,7 @@ def expect(integrand: Any, variables: Iterable[sympy.Symbol], cov: Any) -> Expr:
     for term in sympy.Add.make_args(sympy.Add(*_expand_terms(integrand, variables))):
         coeff, core = term.as_independent(*variables, as_Add=False)
         collected.setdefault(core, []).append(coeff)
-    return sympy.Add(*(sympy.Add(*cs) * _reduce_term(core, variables, cov) for core, cs in collected.items()))
+    return sympy.Add(*(sympy.Add(*cs) * _reduce_term(core, variables, cov, named) for core, cs in collected.items()))
 
 
 _U, _V = sympy.symbols("u v", real=True)

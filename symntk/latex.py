@@ -8,6 +8,14 @@ engine.  Kernel symbols are shown in the papers' notation (theory §2-3):
 * ``cd``: C for every forward second moment (TP2's C / D notation).
 
 Node names carry the layer as a superscript (``h^{l}``, ``x^{l-1}``); the input pair is (xi, xi').
+
+By default the recursion reads like the papers (Jacot et al. 2018, TP2 App. E): the input kernel
+is the named quantity Sigma^0(xi, xi') = xi^T xi' / d, every closed form of
+:data:`symntk.gaussian.PAIR_RULES` that has a name is printed as its dual activation
+``V(q, q', rho)`` applied to the variances and the correlation ``rho`` of a kernel, and these are
+defined once, in a "where" block at the end.  The names and definitions come from the table
+entries themselves (:class:`symntk.gaussian.ClosedForm`), so a new closed form needs no printer
+change.  ``expand=True`` prints every closed form expanded in place instead.
 """
 from __future__ import annotations
 
@@ -16,8 +24,9 @@ import re
 import sympy as sp
 
 from .derivation import Derivation, Equation, Loop
+from .gaussian import ClosedForm, DualActivation, GaussianExpectation, expect
 
-__all__ = ["derivation_latex", "derivation_text", "NOTATIONS"]
+__all__ = ["derivation_latex", "derivation_text", "named_closed_forms", "expand_duals", "paper_form", "NOTATIONS"]
 
 NOTATIONS = ("sigma", "cd")
 _COPY = {0: r"\xi", 1: r"\xi'", None: ""}
@@ -39,6 +48,12 @@ def _greek(name: str) -> str:
 
 
 def _kernel_latex(info, nodes_display, index, notation) -> str:
+    letter, sup, args = _kernel_parts(info, nodes_display, index, notation)
+    return f"{letter}^{{{sup}}}({args})" if args else f"{letter}^{{{sup}}}"
+
+
+def _kernel_parts(info, nodes_display, index, notation) -> tuple[str, str, str]:
+    r"""(letter, superscript, arguments) of a kernel symbol, e.g. (\Sigma, h^{l}, \xi,\xi')."""
     copies = info.copies
     backward = info.extra.get("backward") and info.kind == "mu"
     if backward:
@@ -62,7 +77,7 @@ def _kernel_latex(info, nodes_display, index, notation) -> str:
     args = ",".join(_COPY[c] for c in copies if c is not None)
     if info.kind in ("mu", "M"):
         args = _COPY[copies[0]]
-    return f"{letter}^{{{sup}}}({args})" if args else f"{letter}^{{{sup}}}"
+    return letter, sup, args
 
 
 def _input_latex(info) -> str:
@@ -72,36 +87,160 @@ def _input_latex(info) -> str:
     return rf"\frac{{{_COPY[i]}^{{\top}}{_COPY[j]}}}{{d}}"
 
 
+#: Formal parameters of a dual activation V(q, q', rho): the two variances and the correlation.
+_Q, _Q2, _RHO = sp.Symbol("q", positive=True), sp.Symbol("q'", positive=True), sp.Symbol("rho", real=True)
+
+
+#: Order of the "where" block: the input kernel, correlations, then dual activations.
+_WHERE_ORDER = {"input": 0, "rho": 1, "dual": 2}
+
+
+def _dual_params(entry: ClosedForm) -> tuple:
+    """The formal parameters the entry's dual depends on, in the order (q, q', rho)."""
+    used = entry.dual(_Q, _Q2, _RHO).free_symbols
+    return tuple(p for p in (_Q, _Q2, _RHO) if p in used)
+
+
 class _Names:
-    """Replace kernel symbols and Indexed entries by Dummies with verbatim LaTeX names."""
+    """Replace kernel symbols, Indexed entries and dual activations by placeholder Symbols with
+    verbatim LaTeX names (``names``) and remember what each stands for (``definitions``).
 
-    def __init__(self, d: Derivation, notation: str):
-        self.d, self.notation, self.names = d, notation, {}
-        self._cache = {}
+    ``paper=True`` also names the input kernel Sigma^0 and the correlations rho of kernels, and
+    collects the "where" block (``where``: key -> (lhs, rhs, note), in order of first use).
+    """
 
-    def __call__(self, expr: sp.Expr) -> sp.Expr:
+    def __init__(self, d: Derivation, notation: str, paper: bool = False):
+        self.d, self.notation, self.paper = d, notation, paper
+        self.names: dict = {}
+        self.definitions: dict = {}
+        self.where: dict = {}
+        self._cache: dict = {}
+        self._single_input = len({n.name for info in d.inputs.values() for n in info.nodes}) <= 1
+
+    def __call__(self, expr: sp.Expr, named: bool = True) -> sp.Expr:
+        if self.paper and named:
+            expr = expr.xreplace({n: self._dual(n)
+                                  for n in sorted(expr.atoms(DualActivation), key=sp.default_sort_key)})
+            expr = expr.replace(lambda e: e.is_Mul, self._rho_in)
         sub = {}
         for ind in sorted(expr.atoms(sp.Indexed), key=str):
-            sub[ind] = self._dummy(ind, ind.base.label, ind.indices[0])
+            sub[ind] = self._kernel(ind, ind.base.label, ind.indices[0])
         for s in sorted(expr.free_symbols, key=str):
             if isinstance(s, sp.Symbol) and (s in self.d.info or s in self.d.inputs):
-                sub[s] = self._dummy(s, s, None)
+                sub[s] = self._kernel(s, s, None)
         return expr.xreplace(sub)
 
-    def _dummy(self, key, label, index):
+    def tex(self, expr: sp.Expr, named: bool = True) -> str:
+        return _tex(self(expr, named), self)
+
+    def _placeholder(self, key, text: str, value: sp.Expr) -> sp.Symbol:
+        # A placeholder named after what it stands for (not a Dummy): SymPy orders terms by name,
+        # so the printed formula is the same in every process.
+        dummy = sp.Symbol(f"symntk_{key}", real=True)
+        self.names[dummy], self.definitions[dummy], self._cache[key] = text, value, dummy
+        return dummy
+
+    def _kernel(self, key, label, index):
         if key in self._cache:
             return self._cache[key]
         if label in self.d.inputs:
-            text = _input_latex(self.d.inputs[label])
+            text = self._input(self.d.inputs[label]) if self.paper else _input_latex(self.d.inputs[label])
         else:
-            info = self.d.info[label]
-            text = _kernel_latex(info, self.d.names.get(label) or [("z", None)], index, self.notation)
-        # A placeholder named after the kernel (not a Dummy): SymPy orders terms by name, so the
-        # printed formula is the same in every process.
-        dummy = sp.Symbol(f"symntk_{key}", real=True)
-        self.names[dummy] = text
-        self._cache[key] = dummy
-        return dummy
+            text = _kernel_latex(self.d.info[label], self._shown(label), index, self.notation)
+        return self._placeholder(key, text, key)
+
+    def _shown(self, label):
+        return self.d.names.get(label) or [("z", None)]
+
+    # ---- paper form: named quantities, each defined once in the "where" block
+    def _input_sup(self, info) -> str:
+        return "0" if self._single_input else ",".join(dict.fromkeys(_greek(n.name) for n in info.nodes))
+
+    def _input(self, info) -> str:
+        """Sigma^0(xi, xi') = xi^T xi' / d, the input kernel (Jacot et al. 2018's Sigma^(0))."""
+        letter = r"\Sigma" if self.notation == "sigma" else "C"
+        sup = self._input_sup(info)
+        self.where.setdefault(("input", sup), (rf"{letter}^{{{sup}}}(\xi,\xi')",
+                                               r"\frac{\xi^{\top}\xi'}{d}", "input kernel"))
+        return f"{letter}^{{{sup}}}({','.join(_COPY[c] for c in info.copies)})"
+
+    def _dual(self, node: DualActivation) -> sp.Symbol:
+        """V(q, q', rho) applied to the variances and the correlation of its Gaussian pair."""
+        key = f"V_{node}"
+        if key in self._cache:
+            return self._cache[key]
+        entry = node.entry
+        s11, s12, s22, c = node.stats
+        rho = self._rho(s11, s12, s22)
+        actual = {_Q: s11, _Q2: s22, _RHO: c if rho is None else rho}
+        params = _dual_params(entry)
+        if ("dual",) not in self.where:
+            self.where[("dual",)] = (
+                r"V_{\phi,\psi}(q,q',\rho)",
+                r"\mathbb{E}\left[\phi(u)\,\psi(v)\right] \text{ for centred jointly Gaussian } u, v"
+                r" \text{ with } \mathbb{E}u^{2} = q,\ \mathbb{E}v^{2} = q',\ \mathbb{E}uv = \rho\sqrt{q q'}",
+                "dual activation, TP2 Def. E.1")
+        self.where.setdefault(("dual", entry.name), (
+            rf"{entry.name}({','.join(sp.latex(p) for p in params)})",
+            _tex(entry.dual(_Q, _Q2, _RHO), self), entry.reference))
+        text = rf"{entry.name}\left({', '.join(self.tex(actual[p]) for p in params)}\right)"
+        # What the printed line says: the where-block definition at the actual arguments.
+        return self._placeholder(key, text, entry.dual(actual[_Q], actual[_Q2], actual[_RHO]))
+
+    def _kernel_atom(self, x):
+        """(label, index, info) of a kernel symbol or Indexed entry, else None."""
+        label, index = (x.base.label, x.indices[0]) if isinstance(x, sp.Indexed) else (x, None)
+        if not isinstance(label, sp.Symbol):
+            return None
+        info = self.d.inputs.get(label) or self.d.info.get(label)
+        return None if info is None else (label, index, info)
+
+    def _rho(self, s11, s12, s22) -> sp.Symbol | None:
+        """The placeholder of rho^k(xi, xi') if (s11, s12, s22) are the entries of one kernel k."""
+        atoms = [self._kernel_atom(x) for x in (s11, s12, s22)]
+        if (None in atoms or len({(a[1], a[2].nodes, a[2].kind) for a in atoms}) != 1
+                or [a[2].copies for a in atoms] != [(0, 0), (0, 1), (1, 1)]):
+            return None
+        key = f"rho_{s12}"
+        if key in self._cache:
+            return self._cache[key]
+        label, index, info = atoms[1]
+        generic, g_index = (s11, s12, s22), index
+        if info.kind == "input":
+            sup = g_sup = self._input_sup(info)
+        else:
+            if index is not None and self.d.loops:   # one definition for the family, in the loop index
+                g_index = self.d.loops[0].index
+                generic = tuple(x.base[g_index] for x in generic)
+            sup = _kernel_parts(info, self._shown(label), index, self.notation)[1]
+            g_sup = _kernel_parts(info, self._shown(label), g_index, self.notation)[1]
+        where_key = ("rho", label, None if g_index is None or g_index.free_symbols else g_index)
+        if where_key not in self.where:
+            k11, k12, k22 = generic
+            self.where[where_key] = (rf"\rho^{{{g_sup}}}(\xi,\xi')",
+                                     self.tex(k12 / (sp.sqrt(k11) * sp.sqrt(k22)), named=False),
+                                     "correlation")
+        return self._placeholder(key, rf"\rho^{{{sup}}}(\xi,\xi')", s12 / (sp.sqrt(s11) * sp.sqrt(s22)))
+
+    def _rho_in(self, mul: sp.Mul) -> sp.Expr:
+        """``k12^n k11^(-n/2) k22^(-n/2)`` inside a product -> ``rho^n`` (expanded closed forms)."""
+        powers = mul.as_powers_dict()
+        for b12, n in powers.items():
+            a12 = self._kernel_atom(b12)
+            if a12 is None or a12[2].copies != (0, 1):
+                continue
+            diag = {}
+            for b, m in powers.items():
+                a = self._kernel_atom(b)
+                if (a is not None and m == -n / 2 and (a[1], a[2].nodes, a[2].kind)
+                        == (a12[1], a12[2].nodes, a12[2].kind) and a[2].copies in ((0, 0), (1, 1))):
+                    diag[a[2].copies] = b
+            if len(diag) == 2:
+                rho = self._rho(diag[(0, 0)], b12, diag[(1, 1)])
+                if rho is not None:
+                    rest = [b ** m for b, m in powers.items() if b not in (b12, diag[(0, 0)], diag[(1, 1)])]
+                    return sp.Mul(rho ** n, *rest)
+        return mul
 
 
 def _loop_header(loop: Loop) -> str:
@@ -112,11 +251,71 @@ def _loop_header(loop: Loop) -> str:
            r"\ \text{(backward)}:"
 
 
+def named_closed_forms(d: Derivation) -> tuple[list, sp.Expr | None, sp.Expr]:
+    """``(steps, nngp, ntk)`` of ``d.reduced()``, with every closed form that has a name left as a
+    :class:`~symntk.gaussian.DualActivation` node.
+
+    Substituting ``.doit()`` into those nodes gives ``d.reduced()`` exactly: an expression for
+    which it would not (a change of the reduction policy) is taken from ``d.reduced()`` as is.
+    """
+    red = d.reduced()
+    if d.closed_forms:
+        return red.steps, red.nngp, red.ntk
+
+    def named(expr, ref):
+        out = {}
+        for n in expr.atoms(GaussianExpectation):
+            r = expect(n.integrand, n.variables, n.cov, named=True)
+            # Like the derivation: a node the table only splits into residual nodes stays whole.
+            out[n] = n if len(r.atoms(GaussianExpectation)) > 1 else r
+        candidate = expr.xreplace(out)
+        return candidate if expand_duals(candidate) == ref else ref
+
+    steps = []
+    for s, r in zip(d.steps, red.steps):
+        if isinstance(s, Loop):
+            steps.append(Loop(s.index, s.start, s.stop, s.direction,
+                              tuple(Equation(e.lhs, named(e.rhs, f.rhs))
+                                    for e, f in zip(s.equations, r.equations))))
+        else:
+            steps.append(Equation(s.lhs, named(s.rhs, r.rhs)))
+    nngp = None if d.nngp is None else named(d.nngp, red.nngp)
+    return steps, nngp, named(d.ntk, red.ntk)
+
+
+def paper_form(d: Derivation, notation: str = "sigma") -> tuple[list[tuple[sp.Expr, sp.Expr]], dict]:
+    """What the default :func:`derivation_latex` prints, as SymPy.
+
+    Returns ``(rows, definitions)``: ``rows`` pairs every equation's left-hand side (and the
+    symbols ``K``, ``Theta``) with its printed right-hand side, an expression in placeholder
+    Symbols; ``definitions`` maps each placeholder to what it stands for (a kernel symbol, the
+    input kernel, ``rho = k12 / sqrt(k11 k22)``, or a dual activation's where-block definition
+    at its arguments), possibly in other placeholders.  Substituting them back gives
+    ``d.reduced()``'s equations.
+    """
+    steps, nngp, ntk = named_closed_forms(d)
+    names = _Names(d.reduced(), notation, paper=True)
+    rows = [(e.lhs, names(e.rhs)) for s in steps for e in (s.equations if isinstance(s, Loop) else [s])]
+    if nngp is not None:
+        rows.append((sp.Symbol("K"), names(nngp)))
+    rows.append((sp.Symbol("Theta"), names(ntk)))
+    return rows, dict(names.definitions)
+
+
+def expand_duals(expr: sp.Expr) -> sp.Expr:
+    """Every :class:`~symntk.gaussian.DualActivation` node replaced by its closed form."""
+    return expr.xreplace({n: n.doit() for n in expr.atoms(DualActivation)})
+
+
 def derivation_latex(d: Derivation, notation: str = "sigma", closed_forms: bool = True,
                      environment: str = "aligned", standalone: bool = False,
-                     highlight_zdot: bool = False) -> str:
+                     highlight_zdot: bool = False, expand: bool = False) -> str:
     """The recursion as LaTeX.
 
+    By default it reads like the papers: the input kernel Sigma^0, the correlations rho and the
+    dual activations V of the closed-form table (arc-cosine kernels, Cho & Saul 2009; Williams
+    1997) are named in the equations and defined once in a final "where" block.
+    ``expand=True``: every closed form written out in place, inputs as xi^T xi'/d.
     ``closed_forms``: substitute the closed-form table for Gaussian expectations (else they are
     printed as E over N(0, Sigma)).  ``environment``: ``aligned`` (inside math mode) or ``align*``.
     ``standalone=True``: a complete document that compiles with pdflatex.
@@ -124,20 +323,26 @@ def derivation_latex(d: Derivation, notation: str = "sigma", closed_forms: bool 
     """
     if notation not in NOTATIONS:
         raise ValueError(f"unknown notation {notation!r}; expected one of {NOTATIONS}")
-    if closed_forms:
+    paper = not expand
+    if closed_forms and paper:
+        steps, nngp, ntk = named_closed_forms(d)
         d = d.reduced()
-    names = _Names(d, notation)
+    else:
+        if closed_forms:
+            d = d.reduced()
+        steps, nngp, ntk = d.steps, d.nngp, d.ntk
+    names = _Names(d, notation, paper=paper)
     lines = []
 
     def emit(eq: Equation, indent=""):
-        lhs, rhs = _tex(names(eq.lhs), names), _tex(names(eq.rhs), names)
+        lhs, rhs = names.tex(eq.lhs), names.tex(eq.rhs)
         info = d.info.get(eq.family)
         if highlight_zdot and info is not None and info.extra.get("zdot"):
             lhs, rhs = rf"{{\color{{red}}{lhs}}}", rf"{{\color{{red}}{rhs}}}"
         lines.append(f"{indent}{lhs} &= {rhs}")
 
-    forward = [s for s in d.steps if not _is_backward(d, s)]
-    backward = [s for s in d.steps if _is_backward(d, s)]
+    forward = [s for s in steps if not _is_backward(d, s)]
+    backward = [s for s in steps if _is_backward(d, s)]
     for title, group in (("forward (NNGP) recursion", forward), ("backward (gradient) recursion", backward)):
         if not group:
             continue
@@ -150,9 +355,13 @@ def derivation_latex(d: Derivation, notation: str = "sigma", closed_forms: bool 
             else:
                 emit(s)
     lines.append(r"&\textbf{kernels}")
-    if d.nngp is not None:
-        lines.append(rf"K(\xi,\xi') &= {_tex(names(d.nngp), names)}")
-    lines.append(rf"\Theta(\xi,\xi') &= {_tex(names(d.ntk), names)}")
+    if nngp is not None:
+        lines.append(rf"K(\xi,\xi') &= {names.tex(nngp)}")
+    lines.append(rf"\Theta(\xi,\xi') &= {names.tex(ntk)}")
+    if names.where:
+        lines.append(r"&\textbf{where}")
+        for _, (lhs, rhs, note) in sorted(names.where.items(), key=lambda kv: _WHERE_ORDER[kv[0][0]]):
+            lines.append(rf"{lhs} &= {rhs}" + (rf" \quad \text{{({_escape(note)})}}" if note else ""))
     body = " \\\\\n".join(lines)
     if standalone:
         return _document(body, d)
