@@ -92,7 +92,7 @@ _Q, _Q2, _RHO = sp.Symbol("q", positive=True), sp.Symbol("q'", positive=True), s
 
 
 #: Order of the "where" block: the input kernel, correlations, then dual activations.
-_WHERE_ORDER = {"input": 0, "rho": 1, "dual": 2}
+_WHERE_ORDER = {"input": 0, "input-tokens": 0, "rho": 1, "dual": 2}
 
 
 def _dual_params(entry: ClosedForm) -> tuple:
@@ -124,8 +124,13 @@ class _Names:
             expr = expr.replace(lambda e: e.is_Mul, self._rho_in)
         sub = {}
         for ind in sorted(expr.atoms(sp.Indexed), key=str):
-            sub[ind] = self._kernel(ind, ind.base.label, ind.indices[0])
-        for s in sorted(expr.free_symbols, key=str):
+            label = ind.base.label
+            if self._positioned(label):
+                sub[ind] = self._positioned_kernel(ind, label, ind.indices)
+            else:
+                sub[ind] = self._kernel(ind, label, ind.indices[0])
+        labels = {ind.base.label for ind in expr.atoms(sp.Indexed)}
+        for s in sorted(expr.free_symbols - labels, key=str):
             if isinstance(s, sp.Symbol) and (s in self.d.info or s in self.d.inputs):
                 sub[s] = self._kernel(s, s, None)
         return expr.xreplace(sub)
@@ -148,6 +153,40 @@ class _Names:
         else:
             text = _kernel_latex(self.d.info[label], self._shown(label), index, self.notation)
         return self._placeholder(key, text, key)
+
+    def _positioned(self, label) -> bool:
+        info = self.d.inputs.get(label) or self.d.info.get(label)
+        return bool(info is not None and info.extra.get("positions"))
+
+    def _positioned_kernel(self, key, label, indices):
+        """A kernel between vectors at positions: C^{s}(xi^{t-1}, xi'^{r-1}) (TP2 §6.2.1 writes
+        C^{s^t, s-bar^r}); the input kernel of tokens Sigma^0(xi^t, xi'^r) = xi^t . xi'^r / d."""
+        if key in self._cache:
+            return self._cache[key]
+        if label in self.d.inputs:
+            info = self.d.inputs[label]
+            args = [rf"{_COPY[c]}^{{{sp.latex(i)}}}" for c, i in zip(info.copies, indices)]
+            if self.paper:
+                letter = r"\Sigma" if self.notation == "sigma" else "C"
+                sup = self._input_sup(info)
+                self.where.setdefault(("input-tokens", sup), (
+                    rf"{letter}^{{{sup}}}(\xi^{{t}},\xi'^{{r}})",
+                    r"\frac{\xi^{t\top}\xi'^{r}}{d}", "input kernel of tokens"))
+                text = rf"{letter}^{{{sup}}}({','.join(args)})"
+            else:
+                text = rf"\frac{{{{{args[0]}}}^{{\top}}{args[1]}}}{{d}}"
+            return self._placeholder(key, text, key)
+        info = self.d.info[label]
+        letter, sup, _ = _kernel_parts(info, self._shown(label), None, self.notation)
+        at = dict(zip(info.extra.get("generic", ()), indices))
+        args = []
+        for c, pos in zip(info.copies, info.extra.get("atom_positions", ())):
+            if c is None:
+                continue
+            name = _COPY[c]
+            args.append(name if pos is None else
+                        rf"{name}^{{{sp.latex(sp.sympify(pos).xreplace(at))}}}")
+        return self._placeholder(key, f"{letter}^{{{sup}}}({','.join(args)})", key)
 
     def _shown(self, label):
         return self.d.names.get(label) or [("z", None)]

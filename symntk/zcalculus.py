@@ -492,7 +492,9 @@ class Engine:
                 key.kind, tuple(a.node for a in atoms), tuple(a.copy for a in atoms),
                 gaussian=all(a.kind in ("base", "lincomb") for a in atoms),
                 extra={"backward": any(a.backward for a in atoms), "positions": len(generic),
-                       "axes": axes, "hat": False, "zdot": False})
+                       "axes": axes, "hat": False, "zdot": False,
+                       # each atom's position in terms of the family's generic index (printing)
+                       "atom_positions": tuple(a.pos for a in atoms), "generic": tuple(generic)})
             rhs = definition()
             self.equations.append((base[generic], rhs))
         return self.symbols[key][index]

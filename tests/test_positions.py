@@ -246,3 +246,15 @@ def test_compiled_kernel_refuses_bad_sequences(compiled_rnns):
         compiled_rnns["mean"](np.ones((2, 3)))
     with pytest.raises(ValueError, match="T = 0"):
         compiled_rnns["mean"](np.ones((2, 0, 3)))
+
+
+# ----------------------------------------------------------------------------- printing
+def test_rnn_latex_reads_like_tp2_eq14(rnn_derivations):
+    tex = rnn_derivations["mean"].latex()
+    assert r"C^{s}(\xi^{t - 1},\xi'^{r - 1})" in tex        # the recursion in (t, r)
+    assert r"D^{h}(\xi^{t + 1},\xi'^{r + 1})" in tex        # backward from the end
+    assert r"\Sigma^{0}(\xi^{t},\xi'^{r}) &= \frac{\xi^{t\top}\xi'^{r}}{d}" in tex
+    assert r"V_{\mathrm{erf}}" in tex
+    expanded = rnn_derivations["last"].latex(expand=True)
+    assert r"\frac{{\xi^{t}}^{\top}\xi'^{r}}{d}" in expanded
+    assert r"C^{s}(\xi^{T},\xi'^{\bar{T}})" in expanded
