@@ -15,6 +15,11 @@ program, never the derivation, and evaluates it with real Gaussian matrices.
   structured form of TP2 Eq. (10)-(12) (theory §3.1) without per-example Jacobians, or, with
   ``method="jacobian"``, by materialising the per-example Jacobian (the test oracle).
 * :func:`monte_carlo` averages the empirical NTK and NNGP over seeds.
+* Sequences (inputs with positions, data (N, T, d); T may differ between X1 and X2): positioned
+  vectors are (N, T, dim) arrays, position-free ones (a Bias) broadcast over t; a ``Scan`` runs its
+  carry-dependent body position by position and backpropagates through time, ``Pool`` reduces t.
+  A weight shared over t keeps one factored use with a position axis, dF/dW = sum_t A^t B^t^T,
+  and the NTK contracts sum_{t,r} (A^t . A'^r)(B^t . B'^r) (TP2 §6.2.1, App. E.2).
 
 Parametrization (theory §1.5) changes only which variable is trained.  Writing the forward-law
 parameter as W = s * omega with omega trained, d f / d omega = s * d f / d W, so every NTK term is
@@ -318,8 +323,6 @@ class _StepEnv:
     """The view of an environment at one position t of a Scan over ``axis``: positioned values
     are read at t ((N, dim) slices), position-free ones as they are; values computed in the step
     (the carries and carry-dependent nodes) live in ``local``."""
-
-    lengths: dict = {}  # inside a step nothing carries a position axis
 
     def __init__(self, env, t: int, axis: str):
         self.env, self.t, self.axis, self.local = env, t, axis, {}
@@ -985,7 +988,9 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
     (``*`` elementwise, G_k = dF/dy_k, rows = examples); a use y = W^T z swaps the roles of G and
     Z; an embedding U xi has Z = xi; a bias gives ``factor * G_b G_b'^T`` with G_b the sum of its
     uses' gradients; the readout V gives H H'^T; the output bias 1.  ``factor`` is
-    :func:`ntk_factor`.  Cost O(K^2 N1 N2 n) for K uses, memory O(N n).
+    :func:`ntk_factor`.  Cost O(K^2 N1 N2 n) for K uses, memory O(N n).  For sequence inputs a
+    use carries a position axis (a weight shared over t): the term is sum_{t,r} of the same
+    products, cost O(K^2 N1 T1 N2 T2 n), memory O(N n T); X1 and X2 may have different lengths.
 
     ``method="jacobian"`` materialises the per-example trained-parameter Jacobian J (one parameter
     block at a time) and returns J1 J2^T: memory O(N * #params).  It is the test oracle.
