@@ -694,8 +694,9 @@ class FiniteNetwork:
                 raise ValueError(f"input {inp.name!r} must have shape (N, {d}), got shape {x.shape}"
                                  + (" (use x[None, :] for a single example)" if x.ndim == 1 else ""))
             if x.shape[-1] != d:
-                raise ValueError(f"input {inp.name!r} must have {d} features in its last axis, got "
-                                 f"shape {x.shape}: the network was sampled with input dimension {d}")
+                shape = f"(N, T, {d})" if inp.positions is not None else f"(N, {d})"
+                raise ValueError(f"input {inp.name!r} must have shape {shape}, got shape {x.shape}: "
+                                 f"the network was sampled with input dimension {d}")
             if x.shape[0] == 0:
                 raise ValueError(f"input {inp.name!r} has no examples (shape {x.shape})")
             if not np.all(np.isfinite(x)):

@@ -166,7 +166,7 @@ def test_bad_sequence_inputs_name_the_input():
         net(bad)
     with pytest.raises(ValueError, match="'xi' has sequences of length T = 0"):
         net(np.ones((2, 0, D)))
-    with pytest.raises(ValueError, match="'xi'.*3 features"):
+    with pytest.raises(ValueError, match=r"'xi' must have shape \(N, T, 3\).*input dimension 3"):
         net(np.ones((2, 3, D + 1)))
     with pytest.raises(ValueError, match="'xi' is a sequence"):
         empirical_ntk(program, sequences(2, 3, 0), np.ones((2, D)), width=4)
