@@ -17,7 +17,7 @@ Quick start::
 from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment, Nonlin,
                       OutputBias, Program, ProgramError, Readout, Repeat, Transpose, Vector,
                       Weight, WIDTH, nonlin, repeat)
-from .builders import mlp, residual_mlp, tied_mlp
+from .builders import gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
 from .derivation import Derivation, Equation, Loop, derive
 from .evaluate import KernelResult, gram
 from .gia import GIACheck, gia_check
@@ -32,7 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Bias", "Carry", "Embedding", "FixedReadout", "Input", "MatMul", "Moment", "Nonlin",
     "OutputBias", "Program", "ProgramError", "Readout", "Repeat", "Transpose", "Vector", "Weight",
-    "WIDTH", "nonlin", "repeat", "mlp", "residual_mlp", "tied_mlp", "Derivation", "Equation",
+    "WIDTH", "nonlin", "repeat", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
+    "lstm", "Derivation", "Equation",
     "Loop", "derive", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
     "monte_carlo", "sample", "convergence", "plot_convergence",

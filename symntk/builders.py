@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .program import (WIDTH, Bias, Input, OutputBias, Program, ProgramError, Readout, Vector,
-                      Weight, nonlin, repeat)
+from sympy import Lambda, Symbol
+
 from .program import _variance as _check_variance
 
-__all__ = ["mlp", "residual_mlp", "tied_mlp"]
+from .program import (POOLINGS, WIDTH, Bias, Carry, Input, Nonlin, OutputBias, Pool, Program,
+                      ProgramError, Readout, Scan, Vector, Weight, nonlin, repeat)
+
+__all__ = ["mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru", "lstm"]
 
 D_IN = sp.Symbol("d", positive=True, integer=True)
 
@@ -149,3 +152,133 @@ def tied_mlp(depth: int, activation="relu", weight_std=1.0, bias_std=None, param
             return nonlin(activation, h, name="x")
         x = repeat(block, x, 2, depth, name="x")
     return Program(_readout(x, weight_std, bias_std, parametrization, readout_bias), name=f"tied_mlp{depth}")
+
+
+# ----------------------------------------------------------------------------------- recurrent
+# Conventions shared by the recurrent builders: a sequence input xi^1..xi^T (Input with positions
+# "t", data (N, T, d)); every hidden-to-hidden matrix W : A(n, n) has variance weight_std^2, every
+# input matrix U (fan_in d, or n for a stacked layer reading the layer below) input_std^2, every
+# bias (position-free, the same vector at every t) bias_std^2; weights are shared over t (TP2
+# §6.2.1, Eq. 14).  The readout is f = v . Pool(h) / sqrt(n) with v ~ N(0, readout_std^2), plus an
+# output bias b_out ~ N(0, bias_std^2) when ``bias_std`` is given and ``readout_bias`` is True --
+# the convention of :func:`mlp` (NTK4A's RNN, TP2 App. E.2, has no readout bias: readout_bias=False).
+POSITIONS = "t"
+_A, _B, _C, _D = (Symbol(s, real=True) for s in "abcd")
+
+
+def _readout_kind(readout, readout_bias=True):
+    if not isinstance(readout_bias, bool):
+        raise ProgramError(f"readout_bias must be True or False, got {readout_bias!r}")
+    if readout not in POOLINGS:
+        raise ProgramError(f"readout must be one of {POOLINGS} (pooling of the states over t), "
+                           f"got {readout!r}")
+
+
+def _gate_pre(tag, h_prev, x, weight_std, input_std, bias_std, parametrization):
+    """W_tag h^{t-1} + U_tag x^t (+ b_tag): one gate's preactivation, its own W, U, b."""
+    W = Weight(f"W{tag}", WIDTH, h_prev.dim, _variance(weight_std, "weight_std"), parametrization)
+    U = Weight(f"U{tag}", WIDTH, x.dim, _variance(input_std, "input_std"), parametrization)
+    pre = W @ h_prev + U @ x
+    if bias_std is not None:
+        pre = pre + Bias(f"b{tag}", WIDTH, _variance(bias_std, "bias_std"), parametrization)
+    return pre
+
+
+def _recurrent_program(states: Vector, readout, readout_std, bias_std, parametrization,
+                       readout_bias, name) -> Program:
+    pooled = Pool(states, readout, name=f"{readout}_{states.name or 'h'}")
+    return Program(_readout(pooled, readout_std, bias_std, parametrization, readout_bias), name=name)
+
+
+def _rnn_layer(tag, x, activation, weight_std, input_std, bias_std, parametrization) -> Scan:
+    carry = Carry(f"s{tag}_prev", WIDTH, POSITIONS)
+    pre = _gate_pre(tag, carry, x, weight_std, input_std, bias_std, parametrization)
+    return Scan(carry, nonlin(activation, pre, name=f"s{tag}"), None, f"s{tag}")
+
+
+def rnn(activation="erf", weight_std=1.0, input_std=1.0, bias_std=None, readout="last",
+        parametrization="ntk", readout_std=1.0, input_dim=D_IN, readout_bias=True) -> Program:
+    """The simple (Elman) RNN of TP2 §6.2.1 (Eq. 14) and App. E.2:
+
+    s^t = phi(W s^{t-1} + U xi^t + b),  t = 1..T,  s^0 = 0,
+    f = v . s^T / sqrt(n)  (``readout="last"``)  or  f = v . (1/T) sum_t s^t / sqrt(n)  (``"mean"``),
+
+    plus b_out if ``bias_std`` is given and ``readout_bias`` (see the module's recurrent
+    conventions).  W ~ weight_std^2 / n, U ~ input_std^2 / d, b ~ bias_std^2 (no b if None).
+    NTK4A's network is ``rnn("erf", 1, sqrt(2), sqrt(0.2), "mean", "tp", 1, readout_bias=False)``.
+    """
+    _readout_kind(readout, readout_bias)
+    xi = Input("xi", input_dim, positions=POSITIONS)
+    s = _rnn_layer("", xi, activation, weight_std, input_std, bias_std, parametrization)
+    return _recurrent_program(s, readout, readout_std, bias_std, parametrization, readout_bias,
+                              f"rnn_{readout}")
+
+
+def stacked_rnn(depth: int, activation="erf", weight_std=1.0, input_std=1.0, bias_std=None,
+                readout="last", parametrization="ntk", readout_std=1.0, input_dim=D_IN,
+                readout_bias=True) -> Program:
+    """``depth`` simple RNN layers, layer k reading the sequence of states of layer k-1:
+
+    s_1^t = phi(W1 s_1^{t-1} + U1 xi^t + b1),  s_k^t = phi(Wk s_k^{t-1} + Uk s_{k-1}^t + bk),
+    f = v . Pool(s_depth) / sqrt(n).  Uk (k >= 2, fan_in n) also has variance input_std^2.
+    """
+    _check_depth(depth)
+    _readout_kind(readout, readout_bias)
+    x = Input("xi", input_dim, positions=POSITIONS)
+    for k in range(1, depth + 1):
+        x = _rnn_layer(str(k), x, activation, weight_std, input_std, bias_std, parametrization)
+    return _recurrent_program(x, readout, readout_std, bias_std, parametrization, readout_bias,
+                              f"stacked_rnn{depth}_{readout}")
+
+
+def gru(weight_std=1.0, input_std=1.0, bias_std=None, readout="last", parametrization="ntk",
+        readout_std=1.0, input_dim=D_IN, readout_bias=True) -> Program:
+    """A gated recurrent unit (Cho et al. 2014, Eqs. 5-8), sigma the logistic sigmoid:
+
+    z^t = sigma(W_z h^{t-1} + U_z xi^t + b_z)             (update gate)
+    r^t = sigma(W_r h^{t-1} + U_r xi^t + b_r)             (reset gate)
+    c^t = tanh(W_h (r^t * h^{t-1}) + U_h xi^t + b_h)      (candidate)
+    h^t = z^t * h^{t-1} + (1 - z^t) * c^t,   h^0 = 0,
+
+    products coordinatewise (Nonlins of several vectors); f = v . Pool(h) / sqrt(n).  (Cho et al.
+    let z keep the old state; some libraries swap z and 1 - z, which has the same law.)
+    """
+    _readout_kind(readout, readout_bias)
+    xi = Input("xi", input_dim, positions=POSITIONS)
+    h = Carry("h_prev", WIDTH, POSITIONS)
+    args = (weight_std, input_std, bias_std, parametrization)
+    z = nonlin("sigmoid", _gate_pre("_z", h, xi, *args), name="z")
+    r = nonlin("sigmoid", _gate_pre("_r", h, xi, *args), name="r")
+    reset = Nonlin(Lambda((_A, _B), _A * _B), (r, h), name="r*h")
+    c = nonlin("tanh", _gate_pre("_h", reset, xi, *args), name="c")
+    h_new = Nonlin(Lambda((_A, _B, _C), _A * _B + (1 - _A) * _C), (z, h, c), name="h")
+    states = Scan(h, h_new, None, "h")
+    return _recurrent_program(states, readout, readout_std, bias_std, parametrization,
+                              readout_bias, f"gru_{readout}")
+
+
+def lstm(weight_std=1.0, input_std=1.0, bias_std=None, readout="last", parametrization="ntk",
+         readout_std=1.0, input_dim=D_IN, readout_bias=True) -> Program:
+    """A long short-term memory cell (Hochreiter & Schmidhuber 1997), in the common form with a
+    forget gate (Gers, Schmidhuber & Cummins 2000), sigma the logistic sigmoid:
+
+    i^t = sigma(W_i h^{t-1} + U_i xi^t + b_i),   f^t = sigma(W_f h^{t-1} + U_f xi^t + b_f),
+    o^t = sigma(W_o h^{t-1} + U_o xi^t + b_o),   g^t = tanh(W_g h^{t-1} + U_g xi^t + b_g),
+    c^t = f^t * c^{t-1} + i^t * g^t,   h^t = o^t * tanh(c^t),   h^0 = c^0 = 0,
+
+    f = v . Pool(h) / sqrt(n).  The two states are one ``Scan`` over h with the cell c as a
+    coupled carry; h^t reads the node c^t itself.
+    """
+    _readout_kind(readout, readout_bias)
+    xi = Input("xi", input_dim, positions=POSITIONS)
+    h, c = Carry("h_prev", WIDTH, POSITIONS), Carry("c_prev", WIDTH, POSITIONS)
+    args = (weight_std, input_std, bias_std, parametrization)
+    i = nonlin("sigmoid", _gate_pre("_i", h, xi, *args), name="i")
+    f = nonlin("sigmoid", _gate_pre("_f", h, xi, *args), name="f")
+    o = nonlin("sigmoid", _gate_pre("_o", h, xi, *args), name="o")
+    g = nonlin("tanh", _gate_pre("_g", h, xi, *args), name="g")
+    c_new = Nonlin(Lambda((_A, _B, _C, _D), _A * _B + _C * _D), (f, c, i, g), name="c")
+    h_new = Nonlin(Lambda((_A, _B), _A * sp.tanh(_B)), (o, c_new), name="h")
+    states = Scan(h, h_new, None, "h", coupled=[(c, c_new, None)])
+    return _recurrent_program(states, readout, readout_std, bias_std, parametrization,
+                              readout_bias, f"lstm_{readout}")

@@ -15,6 +15,11 @@ program, never the derivation, and evaluates it with real Gaussian matrices.
   structured form of TP2 Eq. (10)-(12) (theory §3.1) without per-example Jacobians, or, with
   ``method="jacobian"``, by materialising the per-example Jacobian (the test oracle).
 * :func:`monte_carlo` averages the empirical NTK and NNGP over seeds.
+* Sequences (inputs with positions, data (N, T, d); T may differ between X1 and X2): positioned
+  vectors are (N, T, dim) arrays, position-free ones (a Bias) broadcast over t; a ``Scan`` runs its
+  carry-dependent body position by position and backpropagates through time, ``Pool`` reduces t.
+  A weight shared over t keeps one factored use with a position axis, dF/dW = sum_t A^t B^t^T,
+  and the NTK contracts sum_{t,r} (A^t . A'^r)(B^t . B'^r) (TP2 §6.2.1, App. E.2).
 
 Parametrization (theory §1.5) changes only which variable is trained.  Writing the forward-law
 parameter as W = s * omega with omega trained, d f / d omega = s * d f / d W, so every NTK term is
@@ -39,8 +44,8 @@ import sympy as sp
 
 from .parametrization import bias_factor, raw_weight_factor
 from .program import (PARAMETRIZATIONS, Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment,
-                      Node, Nonlin, OutputBias, Program, Readout, READOUTS, Transpose,
-                      VectorReadout, Weight)
+                      Node, Nonlin, OutputBias, Pool, Program, Readout, READOUTS, Scan, Transpose,
+                      VectorReadout, Weight, _children)
 
 __all__ = ["FiniteNetwork", "EmpiricalNTK", "MonteCarloKernel", "sample", "empirical_ntk",
            "monte_carlo", "ntk_factor"]
@@ -242,21 +247,96 @@ def _fwd_bias(net, node: Bias, env, n):
     return np.broadcast_to(net._params[node], (n, net.dim(node)))  # the same vector for every input
 
 
+def _lifted(args: list[np.ndarray]) -> tuple[list[np.ndarray], tuple]:
+    """Broadcast position-free arguments (N, k) over the positions of positioned ones (N, T, k):
+    a Bias or a pooled vector is the same at every position.  Returns the arrays and the leading
+    shape, (N,) or (N, T)."""
+    ndim = max(a.ndim for a in args)
+    lifted = [a[:, None, :] if a.ndim < ndim else a for a in args]
+    return lifted, np.broadcast_shapes(*(a.shape[:-1] for a in lifted))
+
+
 def _fwd_nonlin(net, node: Nonlin, env, n):
     f, _ = net._nonlin(node)
-    return _as_vector(f(*(env[a] for a in node.inputs)), (n, net.dim(node)))
+    args, lead = _lifted([env[a] for a in node.inputs])
+    return _as_vector(f(*args), lead + (net.dim(node),))
 
 
 def _fwd_moment(net, node: Moment, env, n):
-    # theta = (1/n) sum_alpha psi(h_alpha), one scalar per example, kept as an (N, 1) column so it
-    # broadcasts into the Nonlins that take it as a parameter (NETSOR+, theory §1.3).
+    # theta = (1/n) sum_alpha psi(h_alpha), one scalar per example (and per position), kept as an
+    # (N, 1) or (N, T, 1) column so it broadcasts into the Nonlins that take it as a parameter
+    # (NETSOR+, theory §1.3).
     f, _ = net._moment(node)
     d = next(net.dim(a) for a in node.inputs)
-    return _as_vector(f(*(env[a] for a in node.inputs)), (n, d)).mean(axis=1, keepdims=True)
+    args, lead = _lifted([env[a] for a in node.inputs])
+    return _as_vector(f(*args), lead + (d,)).mean(axis=-1, keepdims=True)
+
+
+def _fwd_pool(net, node: Pool, env, n):
+    x = env[node.vector]  # (N, T, dim) -> (N, dim)
+    return x.mean(axis=1) if node.how == "mean" else x[:, -1]
+
+
+def _fwd_scan(net, node: Scan, env, n):
+    """s^t = body(s^{t-1}, c^{t-1}, inputs at t), t = 1..T (TP2 Eq. 14), one position at a time.
+
+    The body's nodes that do not read a carry (U xi^t, biases) were computed for every position
+    at once by the main sweep; only the carry-dependent ones run in this loop.  Every per-position
+    value is stored (N, T, dim) for the backward pass, the carries as the shifted sequences
+    s^0..s^{T-1}."""
+    T = env.lengths[node.positions]
+    inner = net._scan_inner(node)
+    state = [env[i] if i is not None else np.zeros((n, net.dim(c)))
+             for c, i in zip(node.carries, node.inits)]
+    store: dict[Node, np.ndarray] = {}
+    states = np.empty((n, T, net.dim(node)))
+    for t in range(T):
+        step = _StepEnv(env, t, node.positions)
+        for c, value in zip(node.carries, state):
+            step[c] = value
+        for m in inner:
+            step[m] = _FORWARD[type(m)](net, m, step, n)
+        for m, value in step.local.items():
+            if m not in store:
+                store[m] = np.empty((n, T) + value.shape[1:])
+            store[m][:, t] = value
+        state = [step[b] for b in node.bodies]
+        states[:, t] = state[0]
+    env.update(store)
+    return states
 
 
 _FORWARD = {Input: _fwd_input, Embedding: _fwd_embedding, MatMul: _fwd_matmul, Bias: _fwd_bias,
-            Nonlin: _fwd_nonlin, Moment: _fwd_moment}
+            Nonlin: _fwd_nonlin, Moment: _fwd_moment, Pool: _fwd_pool, Scan: _fwd_scan}
+
+
+class _Env(dict):
+    """Values of the nodes for one batch: (N, dim) arrays, (N, T, dim) for positioned nodes.
+    ``lengths`` maps each position axis to its T (it may differ between X1 and X2)."""
+
+    def __init__(self, lengths: Mapping[str, int]):
+        super().__init__()
+        self.lengths = dict(lengths)
+
+
+class _StepEnv:
+    """The view of an environment at one position t of a Scan over ``axis``: positioned values
+    are read at t ((N, dim) slices), position-free ones as they are; values computed in the step
+    (the carries and carry-dependent nodes) live in ``local``."""
+
+    def __init__(self, env, t: int, axis: str):
+        self.env, self.t, self.axis, self.local = env, t, axis, {}
+
+    def __getitem__(self, node):
+        value = self.local.get(node)
+        if value is not None:
+            return value
+        value = self.env[node]
+        return value[:, self.t] if getattr(node, "positions", None) == self.axis else value
+
+    def __setitem__(self, node, value):
+        self.local[node] = value
+
 
 
 # ----------------------------------------------------------------------------- backward rules
@@ -287,26 +367,81 @@ def _bwd_bias(net, node: Bias, G, env, tape):
     tape.bias(node, G)  # the cotangent of the bias node already sums every use
 
 
+def _unbroadcast(g: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """The cotangent of an argument that was broadcast over positions sums over them (a
+    position-free Bias gets the sum of its uses at every t)."""
+    return g.sum(axis=1) if g.ndim > value.ndim else g
+
+
 def _bwd_nonlin(net, node: Nonlin, G, env, tape):
     _, df = net._nonlin(node)
-    args = [env[a] for a in node.inputs]
-    for a, d in zip(node.inputs, df):
+    values = [env[a] for a in node.inputs]
+    args, _ = _lifted(values)
+    for a, value, d in zip(node.inputs, values, df):
         g = G * _as_vector(d(*args), G.shape)
         # a Moment argument is one scalar per example: dF/dtheta sums over coordinates
-        tape.add(a, g.sum(axis=1, keepdims=True) if isinstance(a, Moment) else g)
+        if isinstance(a, Moment):
+            g = g.sum(axis=-1, keepdims=True)
+        tape.add(a, _unbroadcast(g, value))
 
 
 def _bwd_moment(net, node: Moment, G, env, tape):
     # theta = (1/n) sum_alpha psi(h_alpha): dF/dh_alpha += dF/dtheta * psi'(h_alpha) / n
     _, dpsi = net._moment(node)
-    args = [env[a] for a in node.inputs]
+    values = [env[a] for a in node.inputs]
+    args, lead = _lifted(values)
     d = next(net.dim(a) for a in node.inputs)
-    for a, dp in zip(node.inputs, dpsi):
-        tape.add(a, G * _as_vector(dp(*args), (G.shape[0], d)) / d)
+    for a, value, dp in zip(node.inputs, values, dpsi):
+        tape.add(a, _unbroadcast(G * _as_vector(dp(*args), lead + (d,)) / d, value))
+
+
+def _bwd_pool(net, node: Pool, G, env, tape):
+    x = env[node.vector]
+    if node.how == "mean":  # d/dx^t (1/T) sum_r x^r = 1/T at every t
+        tape.add(node.vector, np.broadcast_to(G[:, None, :] / x.shape[1], x.shape))
+    else:                   # only the last position is read
+        g = np.zeros(x.shape)
+        g[:, -1] = G
+        tape.add(node.vector, g)
+
+
+def _bwd_scan(net, node: Scan, G, env, tape):
+    """Backpropagation through time: at t = T..1 the cotangent of s^t is G^t plus what step t+1
+    sent back through its carry; the carry-dependent body nodes are swept in reverse at each t.
+    A weight used in the body gets ONE factored use (A, B) with a position axis, (N, T, fan_out)
+    and (N, T, fan_in): dF/dW = sum_t A^t outer B^t (weights are shared over t)."""
+    inner = net._scan_inner(node)
+    n, T = G.shape[0], G.shape[1]
+    step_tape = _StepTape(tape, node, inner, T)
+    dcarry = [np.zeros((n, net.dim(c))) for c in node.carries]
+    for t in reversed(range(T)):
+        step = _StepEnv(env, t, node.positions)
+        for c in node.carries:
+            step[c] = env[c][:, t]
+        for m in inner:
+            step[m] = env[m][:, t]
+        step_tape.start(t)
+        step_tape.add(node.body, G[:, t])
+        for b, g in zip(node.bodies, dcarry):
+            step_tape.add(b, g)
+        for m in reversed(inner):
+            g = step_tape.cot.get(m)
+            if g is not None:
+                _BACKWARD[type(m)](net, m, g, step, step_tape)
+        dcarry = [step_tape.cot.get(c, np.zeros((n, net.dim(c)))) for c in node.carries]
+    for i, g in zip(node.inits, dcarry):
+        if i is not None:
+            tape.add(i, g)
+    step_tape.finish()
+
+
+def _bwd_carry(net, node, G, env, tape):
+    pass  # handled by the Scan that binds it
 
 
 _BACKWARD = {Input: _bwd_input, Embedding: _bwd_embedding, MatMul: _bwd_matmul, Bias: _bwd_bias,
-             Nonlin: _bwd_nonlin, Moment: _bwd_moment}
+             Nonlin: _bwd_nonlin, Moment: _bwd_moment, Pool: _bwd_pool, Scan: _bwd_scan}
+
 
 
 # ----------------------------------------------------------------------------- readouts
@@ -375,6 +510,54 @@ class _Tape:
         self.biases[node] = g if prev is None else prev + g
 
 
+class _StepTape:
+    """The tape of one position t inside a Scan's backward sweep.
+
+    Cotangents of the carries and carry-dependent nodes stay local to the step.  Those of
+    positioned nodes outside the recurrence (U xi^t) are written at t into an (N, T, dim) buffer,
+    those of position-free ones (a Bias, the init) go straight to the outer tape (summing over t).
+    The k-th weight use of every step is the same use at another position: ``finish`` stacks
+    them into one use with a position axis.
+    """
+
+    def __init__(self, tape: _Tape, scan: Scan, inner: tuple, T: int):
+        self.outer, self.scan, self.T = tape, scan, T
+        self.local_nodes = set(scan.carries) | set(inner)
+        self.buffers: dict[Node, np.ndarray] = {}
+        self.steps: list[list[tuple]] = []
+
+    def start(self, t: int):
+        self.t, self.cot = t, {}
+        self.steps.append([])
+
+    def add(self, node, g):
+        if node in self.local_nodes:
+            prev = self.cot.get(node)
+            self.cot[node] = g if prev is None else prev + g
+        elif getattr(node, "positions", None) == self.scan.positions:
+            buf = self.buffers.get(node)
+            if buf is None:
+                buf = self.buffers[node] = np.zeros((g.shape[0], self.T) + g.shape[1:])
+            buf[:, self.t] += g
+        else:
+            self.outer.add(node, g)
+
+    def use(self, weight, a, b):
+        self.steps[-1].append((weight, a, b))
+
+    def bias(self, node, g):  # pragma: no cover - a Bias never reads a carry
+        self.outer.bias(node, g)
+
+    def finish(self):
+        for node, buf in self.buffers.items():
+            self.outer.add(node, buf)
+        steps = self.steps[::-1]  # recorded for t = T..1
+        for k, (weight, _, _) in enumerate(steps[0] if steps else ()):
+            a = np.stack([s[k][1] for s in steps], axis=1)
+            b = np.stack([s[k][2] for s in steps], axis=1)
+            self.outer.use(weight, a, b)
+
+
 @dataclass
 class _Pass:
     """Outputs and factored raw gradients of one batch (the result of forward + reverse mode)."""
@@ -405,6 +588,7 @@ class FiniteNetwork:
         self.seed = seed
         self._dims: dict[Node, int] = {}
         self._labels = {_param_label(p): p for p in params}
+        self._inner = _scan_structure(program)
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -433,6 +617,10 @@ class FiniteNetwork:
         if d is None:
             d = self._dims[node] = _int_dim(node.dim, self._binding, f"dimension of {node.label()}")
         return d
+
+    def _scan_inner(self, node: Scan) -> tuple:
+        """The body nodes of ``node`` that read one of its carries, in topological order."""
+        return self._inner[node]
 
     def _nonlin(self, node: Nonlin):
         return self._compiled(node.phi)
@@ -490,17 +678,24 @@ class FiniteNetwork:
         names = {i.name for i in inputs}
         if set(X) != names:
             raise ValueError(f"inputs given for {sorted(X)} but the program's inputs are {sorted(names)}")
-        env, n = {}, None
+        env, n = _Env({}), None
         for inp in inputs:
             x = np.asarray(X[inp.name])
             d = self.dim(inp)
             if x.dtype.kind not in "biuf":
                 raise ValueError(f"input {inp.name!r} must be a real array, got dtype {x.dtype}")
-            if x.ndim != 2:
+            if inp.positions is not None:
+                _check_sequence(inp, x, d, env.lengths)
+            elif x.ndim == 3:
+                raise ValueError(f"input {inp.name!r} must have shape (N, {d}), got shape {x.shape}: "
+                                 "it was declared without positions, so it is one vector per "
+                                 "example, not a sequence (use Input(..., positions='t'))")
+            elif x.ndim != 2:
                 raise ValueError(f"input {inp.name!r} must have shape (N, {d}), got shape {x.shape}"
                                  + (" (use x[None, :] for a single example)" if x.ndim == 1 else ""))
-            if x.shape[1] != d:
-                raise ValueError(f"input {inp.name!r} must have shape (N, {d}), got shape {x.shape}: "
+            if x.shape[-1] != d:
+                shape = f"(N, T, {d})" if inp.positions is not None else f"(N, {d})"
+                raise ValueError(f"input {inp.name!r} must have shape {shape}, got shape {x.shape}: "
                                  f"the network was sampled with input dimension {d}")
             if x.shape[0] == 0:
                 raise ValueError(f"input {inp.name!r} has no examples (shape {x.shape})")
@@ -512,9 +707,15 @@ class FiniteNetwork:
             env[inp] = x.astype(np.float64, copy=False)
         return env, n
 
+    @property
+    def _in_scan(self) -> frozenset:
+        return self._inner[None]
+
     def _forward(self, X) -> tuple[np.ndarray, dict, int]:
         env, n = self._check_inputs(X)
         for node in self.program.nodes:
+            if node in self._in_scan:
+                continue  # computed position by position by the Scan that binds its carry
             rule = _FORWARD.get(type(node))
             if rule is not None and node not in env:
                 env[node] = rule(self, node, env, n)
@@ -542,7 +743,7 @@ class FiniteNetwork:
             tape.bias(out.bias, np.ones((n, 1)))
         for node in reversed(self.program.nodes):
             G = tape.cot.get(node)
-            if G is not None:
+            if G is not None and node not in self._in_scan:
                 _BACKWARD[type(node)](self, node, G, env, tape)
         biases = {p: (g if g is not None else np.zeros((n, self._params[p].size)))
                   for p, g in tape.biases.items()}
@@ -571,6 +772,12 @@ class FiniteNetwork:
             chunk = max(1, 2 ** 25 // max(1, shape[1] * shape[2]))
             for k, (a, b) in enumerate(uses):
                 a = a * s
+                if a.ndim == 3:  # a use with a position axis: sum_t A^t outer B^t
+                    if k == 0:
+                        g[...] = 0.0
+                    for i in range(0, tape.n, chunk):
+                        g[i:i + chunk] += np.einsum("ita,itb->iab", a[i:i + chunk], b[i:i + chunk])
+                    continue
                 if k == 0:
                     np.multiply(a[:, :, None], b[:, None, :], out=g)
                     continue
@@ -632,9 +839,79 @@ def _weight_gram(uses1, uses2, symmetric: bool) -> np.ndarray:
         for k2, (a2, b2) in enumerate(uses2):
             if symmetric and k2 < k:
                 continue
-            term = (a1 @ a2.T) * (b1 @ b2.T)
+            if a1.ndim == 2 and a2.ndim == 2:
+                term = (a1 @ a2.T) * (b1 @ b2.T)
+            else:
+                term = _positioned_gram(a1, b1, a2, b2)
             total += term if not symmetric or k2 == k else term + term.T
     return total
+
+
+def _positioned_gram(a1, b1, a2, b2, max_elements: int = 2 ** 22) -> np.ndarray:
+    """<sum_t a1^t b1^t^T, sum_r a2^r b2^r^T>_F = sum_{t,r} (a1^t . a2^r)(b1^t . b2^r) per example
+    pair, for factors with a position axis (N, T, k) (a position-free factor is T = 1).
+
+    Computed in blocks of examples of the first batch so the (rows, T1, N2, T2) intermediate stays
+    below ``max_elements``: memory O(N n T) for the factors, never per-example Jacobians."""
+    a1, b1, a2, b2 = (x[:, None, :] if x.ndim == 2 else x for x in (a1, b1, a2, b2))
+    (n1, t1), (n2, t2) = a1.shape[:2], a2.shape[:2]
+    a2f, b2f = a2.reshape(n2 * t2, -1), b2.reshape(n2 * t2, -1)
+    out = np.empty((n1, n2))
+    rows = max(1, max_elements // (t1 * n2 * t2))
+    for i in range(0, n1, rows):
+        a, b = a1[i:i + rows], b1[i:i + rows]
+        m = a.shape[0]
+        prod = (a.reshape(m * t1, -1) @ a2f.T) * (b.reshape(m * t1, -1) @ b2f.T)
+        out[i:i + rows] = prod.reshape(m, t1, n2, t2).sum(axis=(1, 3))
+    return out
+
+
+def _check_sequence(inp: Input, x: np.ndarray, d: int, lengths: dict) -> None:
+    """A sequence input is (N, T, d) with T >= 1; inputs on one axis share T."""
+    if x.ndim != 3:
+        raise ValueError(f"input {inp.name!r} is a sequence (positions {inp.positions!r}): it must "
+                         f"have shape (N, T, {d}), got shape {x.shape}"
+                         + (" (use x[:, None, :] for sequences of one token)" if x.ndim == 2 else ""))
+    if x.shape[1] == 0:
+        raise ValueError(f"input {inp.name!r} has sequences of length T = 0 (shape {x.shape}); "
+                         "a recurrence needs at least one position")
+    T = lengths.setdefault(inp.positions, x.shape[1])
+    if T != x.shape[1]:
+        raise ValueError(f"inputs on positions {inp.positions!r} have different lengths "
+                         f"({T} and {x.shape[1]}) within one batch")
+
+
+def _scan_structure(program: Program) -> dict:
+    """For each Scan, its carry-dependent body nodes in topological order; under the key None,
+    every node that reads a carry (the main sweep skips those: their Scan evaluates them).
+
+    A node's free carries are those of its children, minus the carries a Scan binds."""
+    free: dict[Node, frozenset] = {}
+    for node in program.nodes:
+        f = frozenset({node}) if isinstance(node, Carry) else frozenset()
+        for c in _children(node):
+            f |= free.get(c, frozenset())
+        if isinstance(node, Scan):
+            own = frozenset(node.carries)
+            f -= own
+            if f:
+                raise ValueError(f"Scan {node.label()!r} reads the carry of an enclosing Scan; "
+                                 "nested recurrences are not supported by the finite-width referee")
+        free[node] = f
+    structure: dict = {None: frozenset(n for n, f in free.items() if f)}
+    binder: dict[Carry, Scan] = {}
+    for node in program.nodes:
+        if isinstance(node, Scan):
+            for c in node.carries:
+                other = binder.setdefault(c, node)
+                if other != node:
+                    raise ValueError(f"the Carry {c.name!r} is bound by two different Scans "
+                                     f"({other.label()!r} and {node.label()!r}); give each "
+                                     "recurrence its own carry name")
+            own = set(node.carries)
+            structure[node] = tuple(n for n in program.nodes
+                                    if free[n] & own and not isinstance(n, Carry))
+    return structure
 
 
 # ----------------------------------------------------------------------------- public verbs
@@ -680,8 +957,8 @@ def _infer_input_dim(program: Program, X):
     dims = {}
     for inp in inputs:
         x = arrays.get(inp.name)
-        if x is not None and not inp.dim.is_Integer and np.ndim(x) == 2:
-            dims[inp.name] = int(np.shape(x)[1])
+        if x is not None and not inp.dim.is_Integer and np.ndim(x) == (3 if inp.positions else 2):
+            dims[inp.name] = int(np.shape(x)[-1])
     return dims or None
 
 
@@ -712,7 +989,9 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
     (``*`` elementwise, G_k = dF/dy_k, rows = examples); a use y = W^T z swaps the roles of G and
     Z; an embedding U xi has Z = xi; a bias gives ``factor * G_b G_b'^T`` with G_b the sum of its
     uses' gradients; the readout V gives H H'^T; the output bias 1.  ``factor`` is
-    :func:`ntk_factor`.  Cost O(K^2 N1 N2 n) for K uses, memory O(N n).
+    :func:`ntk_factor`.  Cost O(K^2 N1 N2 n) for K uses, memory O(N n).  For sequence inputs a
+    use carries a position axis (a weight shared over t): the term is sum_{t,r} of the same
+    products, cost O(K^2 N1 T1 N2 T2 n), memory O(N n T); X1 and X2 may have different lengths.
 
     ``method="jacobian"`` materialises the per-example trained-parameter Jacobian J (one parameter
     block at a time) and returns J1 J2^T: memory O(N * #params).  It is the test oracle.

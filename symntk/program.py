@@ -523,32 +523,33 @@ class Scan(Vector):
     The body is written once in terms of the ``Carry`` (s^{t-1}) and positioned vectors at the
     same t; weights used in it are shared over t (an RNN, TP2 §6.2.1 Eq. 14).  ``init`` is a
     position-free vector, or None for the zero state.  The node is the whole sequence s^1..s^T.
+
+    ``coupled`` adds further states updated in lockstep with s (e.g. the LSTM cell c): a sequence
+    of ``(carry, body, init)`` triples, c^t = body_c(s^{t-1}, c^{t-1}, inputs at t), every body
+    reading the *previous* value of every carry.  A body may reuse another body's node (the LSTM's
+    h^t = o^t tanh(c^t) reads the node c^t itself).  The node's value is still the primary
+    sequence s; the coupled states live only inside the recurrence.
     """
 
-    def __new__(cls, carry: Carry, body: Vector, init: Vector | None = None, name: str = ""):
+    def __new__(cls, carry: Carry, body: Vector, init: Vector | None = None, name: str = "",
+                coupled=()):
         label = name or getattr(carry, "name", "scan")
-        if not isinstance(carry, Carry) or carry.positions is None:
-            raise ProgramError(f"Scan {label!r} needs a Carry placeholder with positions")
-        if not isinstance(body, Vector):
-            raise ProgramError(f"the body of Scan {label!r} must be a vector, got {type(body).__name__}")
-        if body.positions != carry.positions:
-            raise ProgramError(
-                f"the body of Scan {label!r} must be indexed by the positions {carry.positions!r} "
-                f"of its carry (it is indexed by {body.positions!r}): feed it a positioned input")
-        if sp.simplify(body.dim - carry.dim) != 0:
-            raise ProgramError(f"Scan {label!r}: body and carry dimensions differ")
-        if init is not None:
-            if not isinstance(init, Vector):
-                raise ProgramError(f"the init of Scan {label!r} must be a vector or None")
-            if init.positions is not None:
-                raise ProgramError(f"the init of Scan {label!r} is the state before the first "
-                                   "position: it must be position-free")
-            if sp.simplify(init.dim - carry.dim) != 0:
-                raise ProgramError(f"Scan {label!r}: init and carry dimensions differ")
-            if carry in init.atoms(Carry):
-                raise ProgramError(f"the init of Scan {label!r} uses its own carry")
+        init = _no_init(init)
+        if isinstance(coupled, Tuple):  # rebuilt from args: a flat (carry, body, init)* tuple
+            coupled = [tuple(coupled[i:i + 3]) for i in range(0, len(coupled), 3)]
+        states = [(carry, body, init)] + [tuple(c) for c in coupled]
+        carries = [c for c, _, _ in states]
+        for k, state in enumerate(states):
+            if len(state) != 3:
+                raise ProgramError(f"Scan {label!r}: a coupled state is a (carry, body, init) "
+                                   f"triple, got {len(state)} items")
+            _check_scan_state(label, state[0], state[1], _no_init(state[2]), carries,
+                              carry.positions if k else None)
+        if len(set(carries)) != len(carries):
+            raise ProgramError(f"Scan {label!r}: two states share one Carry")
+        flat = [x for c, b, i in states[1:] for x in (c, b, _no_init(i) or Str(""))]
         return super().__new__(cls, carry, body, init if init is not None else Str(""),
-                               Str(_str(name)))
+                               Str(_str(name)), Tuple(*flat))
 
     carry = property(lambda self: self.args[0])
     body = property(lambda self: self.args[1])
@@ -556,10 +557,62 @@ class Scan(Vector):
     dim = property(lambda self: self.args[0].dim)
     positions = property(lambda self: self.args[0].positions)
     name = property(lambda self: self.args[3].name or None)
-    operands = property(lambda self: (self.args[1],))
+
+    @property
+    def coupled(self) -> tuple:
+        """The coupled states as ((carry, body, init-or-None), ...) (empty for a plain Scan)."""
+        aux = self.args[4] if len(self.args) > 4 else Tuple()
+        return tuple((aux[i], aux[i + 1], _no_init(aux[i + 2])) for i in range(0, len(aux), 3))
+
+    @property
+    def carries(self) -> tuple:
+        return (self.carry,) + tuple(c for c, _, _ in self.coupled)
+
+    @property
+    def bodies(self) -> tuple:
+        return (self.body,) + tuple(b for _, b, _ in self.coupled)
+
+    @property
+    def inits(self) -> tuple:
+        return (self.init,) + tuple(i for _, _, i in self.coupled)
+
+    @property
+    def operands(self) -> tuple:
+        return self.bodies
 
     def named(self, name):
-        return Scan(self.carry, self.body, self.init, name)
+        return Scan(self.carry, self.body, self.init, name, self.coupled)
+
+
+def _no_init(init):
+    """None for a missing init (also the placeholder ``Str("")`` that args store)."""
+    return None if init is None or (isinstance(init, Str) and init.name == "") else init
+
+
+def _check_scan_state(label, carry, body, init, carries, positions):
+    if not isinstance(carry, Carry) or carry.positions is None:
+        raise ProgramError(f"Scan {label!r} needs a Carry placeholder with positions")
+    if positions is not None and carry.positions != positions:
+        raise ProgramError(f"Scan {label!r}: coupled carry {carry.name!r} runs over positions "
+                           f"{carry.positions!r}, not {positions!r}")
+    if not isinstance(body, Vector):
+        raise ProgramError(f"the body of Scan {label!r} must be a vector, got {type(body).__name__}")
+    if body.positions != carry.positions:
+        raise ProgramError(
+            f"the body of Scan {label!r} must be indexed by the positions {carry.positions!r} "
+            f"of its carry (it is indexed by {body.positions!r}): feed it a positioned input")
+    if sp.simplify(body.dim - carry.dim) != 0:
+        raise ProgramError(f"Scan {label!r}: body and carry dimensions differ")
+    if init is not None:
+        if not isinstance(init, Vector):
+            raise ProgramError(f"the init of Scan {label!r} must be a vector or None")
+        if init.positions is not None:
+            raise ProgramError(f"the init of Scan {label!r} is the state before the first "
+                               "position: it must be position-free")
+        if sp.simplify(init.dim - carry.dim) != 0:
+            raise ProgramError(f"Scan {label!r}: init and carry dimensions differ")
+        if set(carries) & init.atoms(Carry):
+            raise ProgramError(f"the init of Scan {label!r} uses its own carry")
 
 
 #: how a pooling readout reduces positions: mean over t, or the last position t = T.
@@ -845,7 +898,12 @@ def _carry_bound(root: Basic, carry: Carry) -> bool:
     """True if every occurrence of ``carry`` under ``root`` is inside the body of its Repeat."""
     if root == carry:
         return False
-    if isinstance(root, (Repeat, Scan)):
+    if isinstance(root, Scan):
+        if carry in root.carries:
+            return all(i is None or carry not in i.atoms(Carry) for i in root.inits)
+        return all(_carry_bound(a, carry) for a in root.bodies + root.inits
+                   if a is not None and carry in a.atoms(Carry))
+    if isinstance(root, Repeat):
         if root.carry == carry:
             return root.init is None or carry not in root.init.atoms(Carry)
         return all(_carry_bound(a, carry) for a in (root.body, root.init)
