@@ -166,7 +166,13 @@ POSITIONS = "t"
 _A, _B, _C, _D = (Symbol(s, real=True) for s in "abcd")
 
 
-def _readout_kind(readout, readout_bias=True):
+def _check_recurrent(readout, readout_bias, weight_std, input_std, bias_std, readout_std):
+    """Refuse bad arguments of a recurrent builder where they enter, naming them."""
+    for what, std in (("weight_std", weight_std), ("input_std", input_std),
+                      ("readout_std", readout_std)):
+        _std(std, what)
+    if bias_std is not None:
+        _std(bias_std, "bias_std")
     if not isinstance(readout_bias, bool):
         raise ProgramError(f"readout_bias must be True or False, got {readout_bias!r}")
     if readout not in POOLINGS:
@@ -207,7 +213,7 @@ def rnn(activation="erf", weight_std=1.0, input_std=1.0, bias_std=None, readout=
     conventions).  W ~ weight_std^2 / n, U ~ input_std^2 / d, b ~ bias_std^2 (no b if None).
     NTK4A's network is ``rnn("erf", 1, sqrt(2), sqrt(0.2), "mean", "tp", 1, readout_bias=False)``.
     """
-    _readout_kind(readout, readout_bias)
+    _check_recurrent(readout, readout_bias, weight_std, input_std, bias_std, readout_std)
     xi = Input("xi", input_dim, positions=POSITIONS)
     s = _rnn_layer("", xi, activation, weight_std, input_std, bias_std, parametrization)
     return _recurrent_program(s, readout, readout_std, bias_std, parametrization, readout_bias,
@@ -223,7 +229,7 @@ def stacked_rnn(depth: int, activation="erf", weight_std=1.0, input_std=1.0, bia
     f = v . Pool(s_depth) / sqrt(n).  Uk (k >= 2, fan_in n) also has variance input_std^2.
     """
     _check_depth(depth)
-    _readout_kind(readout, readout_bias)
+    _check_recurrent(readout, readout_bias, weight_std, input_std, bias_std, readout_std)
     x = Input("xi", input_dim, positions=POSITIONS)
     for k in range(1, depth + 1):
         x = _rnn_layer(str(k), x, activation, weight_std, input_std, bias_std, parametrization)
@@ -243,7 +249,7 @@ def gru(weight_std=1.0, input_std=1.0, bias_std=None, readout="last", parametriz
     products coordinatewise (Nonlins of several vectors); f = v . Pool(h) / sqrt(n).  (Cho et al.
     let z keep the old state; some libraries swap z and 1 - z, which has the same law.)
     """
-    _readout_kind(readout, readout_bias)
+    _check_recurrent(readout, readout_bias, weight_std, input_std, bias_std, readout_std)
     xi = Input("xi", input_dim, positions=POSITIONS)
     h = Carry("h_prev", WIDTH, POSITIONS)
     args = (weight_std, input_std, bias_std, parametrization)
@@ -269,7 +275,7 @@ def lstm(weight_std=1.0, input_std=1.0, bias_std=None, readout="last", parametri
     f = v . Pool(h) / sqrt(n).  The two states are one ``Scan`` over h with the cell c as a
     coupled carry; h^t reads the node c^t itself.
     """
-    _readout_kind(readout, readout_bias)
+    _check_recurrent(readout, readout_bias, weight_std, input_std, bias_std, readout_std)
     xi = Input("xi", input_dim, positions=POSITIONS)
     h, c = Carry("h_prev", WIDTH, POSITIONS), Carry("c_prev", WIDTH, POSITIONS)
     args = (weight_std, input_std, bias_std, parametrization)

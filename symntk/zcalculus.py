@@ -110,7 +110,6 @@ class Engine:
         self.hats: set[sp.Symbol] = set()             # Zhat atoms that have a Zdot partner
         self.nodes = program.nodes
         self.position = {n: i for i, n in enumerate(self.nodes)}
-        self.consumers = self._consumers()
         self.atoms: dict[sp.Symbol, Atom] = {}
         self._atom_of: dict[tuple, sp.Symbol] = {}
         self.definitions: dict[sp.Symbol, sp.Expr] = {}
@@ -121,7 +120,19 @@ class Engine:
         self.input_kernels: dict[tuple, sp.Symbol] = {}
         self._names: set[str] = set()
         # positions: which Scan a Carry belongs to; atoms at shifted positions, left undefined
-        self.scan_of = {n.carry: n for n in self.nodes if isinstance(n, Scan)}
+        # the state each Carry stands for at t - 1: the Scan itself, or a coupled state's body
+        # (an LSTM's cell c^t), which is also never expanded away from the generic position
+        self.state_of = {}
+        for n in self.nodes:
+            if isinstance(n, Scan):
+                self.state_of[n.carry] = n
+                for carry, body, init in getattr(n, "coupled", ()):
+                    if init is not None:
+                        raise NotImplementedError(
+                            f"Scan {n.label()!r}: a coupled state with a nonzero initial value")
+                    self.state_of[carry] = body
+        self.coupled_states = {b for c, b in self.state_of.items() if not isinstance(b, Scan)}
+        self.consumers = self._consumers()
         self.lazy: set[sp.Symbol] = set()
         self.key_of: dict[sp.Symbol, tuple] = {}
         self.index_symbols: set[sp.Symbol] = set(POSITION_INDEX)
@@ -134,9 +145,9 @@ class Engine:
         for n in self.nodes:
             for a in dict.fromkeys(n.operands):
                 consumers[a].append(n)
-            if isinstance(n, Scan):
-                # s^t is read again at t + 1 through the carry: ds^t += d(carry)^{t+1}
-                consumers[n].append(n.carry)
+        for carry, state in self.state_of.items():
+            # s^t is read again at t + 1 through the carry: ds^t += d(carry)^{t+1}
+            consumers[state].append(carry)
         return consumers
 
     def _fresh_name(self, stem: str) -> str:
@@ -159,6 +170,8 @@ class Engine:
             rule = FORWARD.get(type(node))
             if rule is None:
                 raise TypeError(f"the Z calculus has no forward rule for {type(node).__name__}")
+            if node in self.coupled_states and not self.generic(pos):
+                rule = _z_shifted_state
             self._atom_of[key] = out = rule(self, node, copy, pos)
             if out in self.atoms:
                 self.key_of.setdefault(out, key)
@@ -234,7 +247,7 @@ class Engine:
         key = ("bwd", node, copy, pos)
         if key in self._atom_of:
             return self._atom_of[key]
-        if isinstance(node, Scan) and not self.generic(pos):
+        if (isinstance(node, Scan) or node in self.coupled_states) and not self.generic(pos):
             order = 2 * len(self.nodes) - self.position[node]
             self._atom_of[key] = self.lazy_atom(
                 key, Atom("opaque", node, copy, backward=True, order=order, pos=pos),
@@ -825,6 +838,13 @@ def _z_scan(eng: Engine, node: Scan, copy: int, pos) -> sp.Expr:
                          f"Z_{eng.label(node)}_{copy}{eng.pos_tag(pos)}")
 
 
+def _z_shifted_state(eng: Engine, node: Node, copy: int, pos) -> sp.Expr:
+    """A coupled state (the LSTM cell c^{t-1}) away from the generic position: never expanded."""
+    return eng.lazy_atom(("fwd", node, copy, pos),
+                         Atom("opaque", node, copy, order=eng.position[node], pos=pos),
+                         f"Z_{eng.label(node)}_{copy}{eng.pos_tag(pos)}")
+
+
 def _z_pool(eng: Engine, node: Pool, copy: int, pos) -> sp.Expr:
     """x^T (last) or (1/T) sum_t x^t (mean), a position-free vector."""
     L = eng.length(copy)
@@ -844,7 +864,7 @@ FORWARD: dict[type, Callable] = {
     Moment: lambda eng, node, copy, pos: eng.moment(node, copy),
     Scan: _z_scan,
     # the carry at t is the state at t - 1 (zero before the first position)
-    Carry: lambda eng, node, copy, pos: eng.z(eng.scan_of[node], copy, pos - 1),
+    Carry: lambda eng, node, copy, pos: eng.z(eng.state_of[node], copy, pos - 1),
     Pool: _z_pool,
 }
 
