@@ -285,7 +285,7 @@ def compile(derivation, *, rule: str | None = None, radial_order: int | None = N
     """Compile ``derivation`` to a :class:`CompiledKernel`.
 
     ``rule``/``*_order``: quadrature for expectations without a closed form (module docstring;
-    defaults in :data:`QUADRATURE`).  Only ``rule`` changes the generated code; the orders are
+    defaults in :data:`symntk.quadrature.QUADRATURE`).  Only ``rule`` changes the generated code; the orders are
     arrays passed at call time.  ``cache=False`` compiles in memory.  ``params`` binds symbols
     that appear in loop bounds (structural); variances stay call-time parameters.
     ``warm_up`` compiles now (or loads Numba's cache) instead of at the first call.
