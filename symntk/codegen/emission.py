@@ -16,8 +16,7 @@ from .printer import NumbaPrinter, identifier, index_code
 if TYPE_CHECKING:                                   # annotations only: quadrature imports us
     from .quadrature import QuadCalls, QuadFunctions
 
-__all__ = ["Emitter", "Store", "Section", "array_access", "scalar_access", "table_access",
-           "column_access"]
+__all__ = ["Emitter", "Store", "Section", "array_access", "scalar_access", "table_access"]
 
 
 class Emitter:
@@ -349,18 +348,10 @@ def scalar_access(name):
     return lambda idx: name
 
 
-def column_access(table, col, off, lo):
-    """A per-input value of the column input: the transposed table, contiguous in j."""
+def table_access(table, other, off, lo, transposed=False):
+    """A per-input value read from a table: ``table[row, column]`` for the row input, or the
+    transposed table ``table[column, j]`` (contiguous in j) for the column input."""
     def access(idx):
-        if lo is None:
-            return f"{table}[{off}, {col}]"
-        return f"{table}[{index_code(sp.sympify(idx) + off - lo)}, {col}]"
-    return access
-
-
-def table_access(table, row, off, lo):
-    def access(idx):
-        if lo is None:
-            return f"{table}[{row}, {off}]"
-        return f"{table}[{row}, {index_code(sp.sympify(idx) + off - lo)}]"
+        k = off if lo is None else index_code(sp.sympify(idx) + off - lo)
+        return f"{table}[{k}, {other}]" if transposed else f"{table}[{other}, {k}]"
     return access

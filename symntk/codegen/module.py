@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from ..quadrature import RULE_ARRAYS
-from .emission import (Emitter, Section, Store, array_access, column_access, scalar_access,
-                       table_access)
+from .emission import Emitter, Section, Store, array_access, scalar_access, table_access
 from .hoisting import Hoister
 from .plan import LIDX, Block, Col, Eq, Plan, Twins, key_of, refs
 from .printer import identifier
@@ -289,17 +288,18 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
         nm = ("a_" if fam.is_array else "v_") + identifier(str(key))
         if fam.is_array:
             palloc.append(f"{nm} = np.empty(({fam.hi - fam.lo + 1}, nb_max))")
-            pstorage[key] = Store(array_access(nm, fam.lo, "jj"), array_access(nm, fam.lo, "jj"), nm)
+            access = array_access(nm, fam.lo, "jj")
+            pstorage[key] = Store(access, access, nm)
         else:
             palloc.append(f"{nm} = np.empty(nb_max)")
             pstorage[key] = Store(scalar_access(nm + "[jj]"), scalar_access(nm + "[jj]"), nm)
     for key, (off, lo) in layout.items():
         pstorage[key] = Store(table_access("T1", "i", off, lo), None)
-        pstorage[("col", key)] = Store(column_access("T2", "j", off, lo), None)
+        pstorage[("col", key)] = Store(table_access("T2", "j", off, lo, transposed=True), None)
     for k1, k0 in twins.items():
         if k0 in layout:
             off, lo = layout[k0]
-            pstorage[k1] = Store(column_access("T2", "j", off, lo), None)
+            pstorage[k1] = Store(table_access("T2", "j", off, lo, transposed=True), None)
     em.line("")
     em.line("")
     em.line("@njit(cache=CACHE, parallel=True)")

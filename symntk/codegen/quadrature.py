@@ -125,8 +125,7 @@ class QuadratureBody:
         _, inner, vals = self._integrand_code(outs, [u], True, printer)
         for ln in inner:
             em.line(ln)
-        for a, v in zip(accs, vals):
-            em.line(f"{a} += HW[{b}] * ({v})")
+        _accumulate(em, accs, f"HW[{b}]", vals)
         em.dedent()
         for (name, _), a in zip(outs, accs):
             em.line(f"{name} = {a}")
@@ -176,11 +175,9 @@ class QuadratureBody:
         _, inner, vals = self._integrand_code(outs, [u1, u2], True, printer)
         for line in inner:
             em.line(line)
-        for i, v in zip(ins, vals):
-            em.line(f"{i} += RW[{b_}] * ({v})")
+        _accumulate(em, ins, f"RW[{b_}]", vals)
         em.dedent()
-        for a, i in zip(accs, ins):
-            em.line(f"{a} += {wa} * {i}")
+        _accumulate(em, accs, wa, ins)
         em.dedent()
         em.dedent()
         for (name, _), a in zip(outs, accs):
@@ -215,11 +212,9 @@ class QuadratureBody:
         em.line(f"_u2 = {m} + {s2} * {r} * GZ[{b_}]")
         for ln in inner:
             em.line(ln)
-        for i, v in zip(ins, vals):
-            em.line(f"{i} += GW[{b_}] * ({v})")
+        _accumulate(em, ins, f"GW[{b_}]", vals)
         em.dedent()
-        for a, i in zip(accs, ins):
-            em.line(f"{a} += GW[{a_}] * {i}")
+        _accumulate(em, accs, f"GW[{a_}]", ins)
         em.dedent()
         for (name, _), a in zip(outs, accs):
             em.line(f"{name} = {a}")
@@ -258,8 +253,7 @@ class QuadratureBody:
         _, inner, vals = self._integrand_code(outs, usyms, False, printer)
         for ln in inner:
             em.line(ln)
-        for a, v in zip(accs, vals):
-            em.line(f"{a} += {w} * ({v})")
+        _accumulate(em, accs, w, vals)
         for _ in idx:
             em.dedent()
         for (name, _), a in zip(outs, accs):
@@ -301,6 +295,12 @@ class QuadFunctions:
             self.sources.append("\n".join(em.lines))
             self.funcs[key] = (name, fparams)
         return self.funcs[key]
+
+
+def _accumulate(em: Emitter, targets, weight: str, values):
+    """``t += weight * (v)`` for each target and value."""
+    for t, v in zip(targets, values):
+        em.line(f"{t} += {weight} * ({v})")
 
 
 def _same(f, g) -> bool:
