@@ -44,7 +44,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import codegen
-from .binding import bind_parameters
+from .binding import bind, bind_parameters
 from .quadrature import QUADRATURE, rule_arrays
 from .result import KernelResult, check_pair
 
@@ -112,12 +112,11 @@ class CompiledKernel:
     def _theta(self, params, dim: int) -> np.ndarray:
         """The parameter vector of the generated functions (the input dimension comes from the
         data; :func:`symntk.binding.bind_parameters` names what is missing)."""
-        bound = {str(k): v for k, v in bind_parameters(self.derivation, params, dim).items()}
-        vals = []
-        for p in self.generated.params:
-            if str(p) not in bound:
-                raise ValueError(f"unbound symbol {p}: pass it in params=")
-            vals.append(float(bound[str(p)]))
+        values, missing = bind(self.generated.params,
+                               bind_parameters(self.derivation, params, dim))
+        if missing:
+            raise ValueError(f"unbound symbols {missing}: pass them in params=")
+        vals = [float(values[p]) for p in self.generated.params]
         theta = np.array(vals, dtype=np.float64)
         if not np.all(np.isfinite(theta)):
             raise ValueError("params must be finite, got "
