@@ -19,7 +19,8 @@ from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Momen
                       Weight, WIDTH, nonlin, repeat)
 from .builders import gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
 from .derivation import Derivation, Equation, Loop, derive
-from .evaluate import KernelResult, gram
+from .evaluate import gram
+from .result import KernelResult
 from .gia import GIACheck, gia_check
 from .limits import expectation
 from .compare import Comparison, compare

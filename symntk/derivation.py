@@ -159,7 +159,7 @@ class Derivation:
     def compile(self, **options):
         """A Numba kernel for these equations (cached on disk): ``k = d.compile(); k(X1, X2)``."""
         if any(inp.positions for inp in self.program.inputs):
-            from .codegen_positions import compile_positions
+            from .codegen.positions import compile_positions
             return compile_positions(self, **options)
         from .kernels import compile as _compile
         return _compile(self, **options)

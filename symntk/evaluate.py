@@ -6,83 +6,25 @@ This is the readable, slow-to-start reference; :mod:`symntk.codegen` is the fast
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import sympy as sp
 
+from .binding import bind_parameters
 from .derivation import Derivation, Equation, Loop
+from .gaussian import GaussianExpectation
+from .numeric import lambdify
+from .quadrature import gaussian_expectation
+from .result import KernelResult, check_pair
 
-__all__ = ["KernelResult", "gram", "evaluate_pair", "check_inputs", "bind"]
-
-
-@dataclass(frozen=True)
-class KernelResult:
-    """NNGP and NTK Gram matrices (N1, N2); ``ntk_terms`` splits the NTK by parameter."""
-    nngp: np.ndarray | None
-    ntk: np.ndarray
-    ntk_terms: dict
-
-
-def check_inputs(X, name="X", dim=None) -> np.ndarray:
-    """Validate a data matrix: 2-D, finite, float64; a clear error otherwise."""
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim == 1:
-        X = X[None, :]
-    if X.ndim != 2:
-        raise ValueError(f"{name} must have shape (N, d), got an array of shape {X.shape}")
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {X.shape})")
-    if not np.all(np.isfinite(X)):
-        bad = np.argwhere(~np.isfinite(X))[0]
-        raise ValueError(f"{name} contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
-    if dim is not None and sp.sympify(dim).is_Integer and X.shape[1] != int(dim):
-        raise ValueError(f"{name} has {X.shape[1]} features but the program's input dimension is {dim}")
-    return X
-
-
-def bind(derivation: Derivation, params: dict | None) -> dict:
-    """Map every free model symbol to a number; error naming the ones left unbound."""
-    params = dict(params or {})
-    by_name = {str(k): v for k, v in params.items()}
-    out, missing = {}, []
-    for s in sorted(derivation.parameters(), key=str):
-        if s in params:
-            out[s] = params[s]
-        elif str(s) in by_name:
-            out[s] = by_name[str(s)]
-        else:
-            missing.append(str(s))
-    if missing:
-        raise ValueError(f"unbound symbols {missing}: pass them in params=")
-    return out
-
-
-_NUMPY = {
-    # The recursions are exact in real arithmetic; rounding can push a correlation a hair past
-    # +-1 or a variance a hair below 0, where acos/asin/sqrt would return NaN.
-    "acos": lambda x: np.arccos(np.clip(x, -1.0, 1.0)),
-    "asin": lambda x: np.arcsin(np.clip(x, -1.0, 1.0)),
-    "sqrt": lambda x: np.sqrt(np.maximum(x, 0.0)),
-    "Heaviside": lambda x, h0=0.5: np.heaviside(x, h0),
-}
-
-
-def _lambdify(args, expr):
-    return sp.lambdify(args, expr, modules=[_NUMPY, "numpy"])
+__all__ = ["gram", "evaluate_pair"]
 
 
 def _expectation_nodes(expr):
-    try:
-        from .gaussian import GaussianExpectation
-    except ImportError:                      # pragma: no cover - gaussian.py is part of the package
-        return []
     return sorted(expr.atoms(GaussianExpectation), key=sp.default_sort_key)
 
 
 def _quadrature(node, values, consts, idx):
     """Numeric value of an unevaluated Gaussian expectation, for every input pair at once."""
-    from .quadrature import gaussian_expectation
     integrand, variables, cov = node.args[0], tuple(node.args[1]), node.args[2]
     k = len(variables)
     entries = [[_value(cov[i, j], values, consts, idx) for j in range(k)] for i in range(k)]
@@ -99,7 +41,7 @@ def _quadrature(node, values, consts, idx):
     dummies = [sp.Dummy() for _ in extra]
     body = integrand.xreplace(dict(zip(extra, dummies)))
     vals = [np.asarray(_value(e, values, consts, idx), dtype=np.float64) for e in extra]
-    f = _lambdify(tuple(variables) + tuple(dummies), body)
+    f = lambdify(tuple(variables) + tuple(dummies), body, guarded=True)
     vals = [np.broadcast_to(v, shape)[..., None] for v in vals]
     return gaussian_expectation(lambda *u: f(*u, *vals), S)
 
@@ -155,11 +97,7 @@ def _gram(derivation: Derivation, X1, X2, params, rows_only: bool = False) -> Ke
     inputs = derivation.program.inputs
     if len(inputs) != 1:
         raise NotImplementedError("programs with several Input nodes need a dict of inputs")
-    d = inputs[0].dim
-    X1 = check_inputs(X1, "X1", d)
-    X2 = X1 if X2 is None else check_inputs(X2, "X2", d)
-    if X2.shape[1] != X1.shape[1]:
-        raise ValueError(f"X1 has {X1.shape[1]} features but X2 has {X2.shape[1]}")
+    X1, X2 = check_pair(X1, X2, inputs[0].dim)
     dim = X1.shape[1]
     values: dict = {}
     for sym, info in derivation.inputs.items():
@@ -172,8 +110,7 @@ def _gram(derivation: Derivation, X1, X2, params, rows_only: bool = False) -> Ke
             values[sym] = (np.einsum("ij,ij->i", B, B) / dim)[None, :]
         else:
             values[sym] = A @ B.T / dim
-    consts = bind(derivation, params)
-    consts.update({s: dim for s in _dim_symbols(derivation) if s not in consts})
+    consts = bind_parameters(derivation, params, dim)
     _run(derivation, values, consts)
     shape = (X1.shape[0], 1 if rows_only else X2.shape[0])
     terms = {k: np.broadcast_to(_value(v, values, consts), shape).copy()
@@ -190,11 +127,6 @@ def evaluate_pair(derivation: Derivation, x1, x2=None, params: dict | None = Non
     x2 = x1 if x2 is None else np.atleast_2d(np.asarray(x2, dtype=float))
     r = gram(derivation, x1, x2, params)
     return (None if r.nngp is None else float(r.nngp[0, 0])), float(r.ntk[0, 0])
-
-
-def _dim_symbols(derivation):
-    """The input dimension symbol ``d`` is known from the data."""
-    return {inp.dim for inp in derivation.program.inputs if isinstance(inp.dim, sp.Symbol)}
 
 
 def _run(derivation: Derivation, values: dict, consts: dict):
@@ -261,4 +193,4 @@ def _value(expr, values, consts, idx=None):
             vals.append(idx[s])
         else:
             raise KeyError(f"symbol {s} has no value")
-    return np.asarray(_lambdify(args, expr)(*vals), dtype=np.float64)
+    return np.asarray(lambdify(args, expr, guarded=True)(*vals), dtype=np.float64)

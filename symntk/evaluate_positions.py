@@ -15,8 +15,11 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
+from .binding import bind_parameters
 from .derivation import Derivation
-from .evaluate import KernelResult, _expectation_nodes, _lambdify, _quadrature, bind
+from .evaluate import _expectation_nodes, _quadrature
+from .numeric import lambdify
+from .result import KernelResult
 from .zcalculus import LENGTH
 
 __all__ = ["has_positions", "gram", "check_sequences"]
@@ -153,7 +156,7 @@ class _Entries:
                 vals.append(self.consts[s])
             else:
                 raise KeyError(f"symbol {s} has no value")
-        return np.asarray(_lambdify(args, expr)(*vals), dtype=np.float64)
+        return np.asarray(lambdify(args, expr, guarded=True)(*vals), dtype=np.float64)
 
 
 def _int(expr, env, consts) -> int:
@@ -237,9 +240,7 @@ def _gram(derivation: Derivation, X1, X2, params, rows_only: bool = False) -> Ke
                 else:
                     v = A[:, p] @ B[:, q].T / dim
                 inputs[(label, p + 1, q + 1)] = v
-    consts = bind(derivation, params)
-    consts.update({s: dim for s in {inp.dim for inp in derivation.program.inputs}
-                   if isinstance(s, sp.Symbol) and s not in consts})
+    consts = bind_parameters(derivation, params, dim)
     consts.update({LENGTH[0]: sp.Integer(lengths[0]), LENGTH[1]: sp.Integer(lengths[1])})
     entries = _Entries(derivation, inputs, consts, lengths, {})
     shape = (X1.shape[0], 1 if rows_only else X2.shape[0])

@@ -46,6 +46,8 @@ from .parametrization import bias_factor, raw_weight_factor
 from .program import (PARAMETRIZATIONS, Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment,
                       Node, Nonlin, OutputBias, Pool, Program, Readout, READOUTS, Scan, Transpose,
                       VectorReadout, Weight, _children)
+from .binding import by_name as _by_name, subs_by_name as _subs
+from .numeric import lambdify
 
 __all__ = ["FiniteNetwork", "EmpiricalNTK", "MonteCarloKernel", "sample", "empirical_ntk",
            "monte_carlo", "ntk_factor"]
@@ -72,16 +74,6 @@ def _dim_exprs(program: Program) -> Iterator[sp.Expr]:
             yield node.fan_in
         elif isinstance(node, (Bias, Carry)):
             yield node.dim
-
-
-def _by_name(mapping, what: str) -> dict[str, object]:
-    out = {}
-    for key, value in dict(mapping).items():
-        name = key.name if isinstance(key, sp.Symbol) else key
-        if not isinstance(name, str):
-            raise TypeError(f"{what} keys must be SymPy symbols or their names, got {key!r}")
-        out[name] = value
-    return out
 
 
 def _positive_int(value, what: str) -> int:
@@ -140,12 +132,6 @@ def _bind(program: Program, width, input_dim, values) -> dict[sp.Symbol, sp.Expr
     return binding
 
 
-def _subs(expr: sp.Expr, binding: Mapping[sp.Symbol, sp.Expr]) -> sp.Expr:
-    """Substitute by symbol *name*: the same name may carry different assumptions in different nodes."""
-    by_name = {s.name: v for s, v in binding.items()}
-    return expr.xreplace({s: by_name[s.name] for s in expr.free_symbols if s.name in by_name})
-
-
 def _number(expr: sp.Expr, binding, what: str) -> float:
     value = _subs(sp.sympify(expr), binding)
     if value.free_symbols:
@@ -166,13 +152,6 @@ def _param_label(node: Param) -> str:
 
 
 # ----------------------------------------------------------------------------- nonlinearities
-#: Heaviside printed under a name NumPyPrinter does not know, so lambdify looks it up in our table
-#: and we get np.heaviside (with sympy's H(0) = 1/2 unless the expression says otherwise) instead
-#: of a slow ``select``.
-_STEP = sp.Function("_symntk_step")
-_NUMERIC = {"_symntk_step": lambda x, h0: np.heaviside(x, h0)}
-
-
 def _numeric_function(expr: sp.Expr, variables: tuple[sp.Symbol, ...], what: str) -> Callable:
     """``expr`` as a vectorised numpy function of ``variables``.
 
@@ -180,17 +159,10 @@ def _numeric_function(expr: sp.Expr, variables: tuple[sp.Symbol, ...], what: str
     everywhere derivative is what reverse mode (and any autograd) computes.
     """
     expr = expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
-    expr = expr.replace(lambda e: isinstance(e, sp.Heaviside),
-                        lambda e: _STEP(e.args[0], e.args[1] if len(e.args) > 1 else sp.S.Half))
     bad = expr.atoms(sp.Derivative, sp.Subs, sp.Integral)
     if bad:
         raise ValueError(f"{what}: cannot evaluate {sorted(map(str, bad))} numerically")
-    try:
-        import scipy.special  # noqa: F401  (erf, gamma, ... live there)
-        modules = [_NUMERIC, "scipy", "numpy"]
-    except ImportError:  # pragma: no cover - scipy is present wherever the tests run
-        modules = [_NUMERIC, "numpy"]
-    return sp.lambdify(variables, expr, modules=modules)
+    return lambdify(variables, expr, scipy=True)
 
 
 @functools.lru_cache(maxsize=512)

@@ -51,6 +51,8 @@ from sympy.core.function import Application
 from sympy.core.symbol import Str
 
 from .activations import X, activation
+from .numeric import SCALAR_HEADS, scalar_function
+from .quadrature import hermite_rule
 
 __all__ = [
     "expect",
@@ -849,59 +851,6 @@ def vtransform(phi: Any, psi: Any, S11: Any, S12: Any, S22: Any) -> Expr:
 # ======================================================================================
 # Numerics: quadrature for GaussianExpectation nodes
 # ======================================================================================
-def _heaviside(x: Any, h0: Any = 0.5) -> Any:
-    return 1 if x > 0 else 0 if x < 0 else h0
-
-
-def _float_exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:  # keep IEEE semantics (mpmath.fp.exp gives inf too)
-        return math.inf
-
-
-def _float_log(x: float) -> float:
-    return math.log(x) if x > 0 else -math.inf if x == 0 else math.nan
-
-
-def _float_sign(x: float) -> float:
-    return 1.0 if x > 0 else -1.0 if x < 0 else 0.0
-
-
-#: SymPy head -> (float implementation for ``prec <= 64``, ``mpmath.mp`` function name).
-#: The float path uses :mod:`math` directly: ``mpmath.fp`` wrappers cost ~5x more per call.
-_NUMERIC_HEADS: Mapping[type, tuple[Callable[..., Any], str]] = MappingProxyType(
-    {
-        sympy.exp: (_float_exp, "exp"),
-        sympy.log: (_float_log, "log"),
-        sympy.sin: (math.sin, "sin"),
-        sympy.cos: (math.cos, "cos"),
-        sympy.tan: (math.tan, "tan"),
-        sympy.tanh: (math.tanh, "tanh"),
-        sympy.sinh: (math.sinh, "sinh"),
-        sympy.cosh: (math.cosh, "cosh"),
-        sympy.asin: (math.asin, "asin"),
-        sympy.acos: (math.acos, "acos"),
-        sympy.atan: (math.atan, "atan"),
-        sympy.erf: (math.erf, "erf"),
-        sympy.erfc: (math.erfc, "erfc"),
-        sympy.Abs: (abs, "fabs"),
-        sympy.sign: (_float_sign, "sign"),
-        Max: (max, ""),
-        Min: (min, ""),
-        Heaviside: (_heaviside, ""),
-    }
-)
-_PYTHON_HEADS = {Max: max, Min: min, Heaviside: _heaviside}
-
-
-def _head_function(cls: type, ctx: Any) -> Callable[..., Any]:
-    as_float, name = _NUMERIC_HEADS[cls]
-    if ctx is mpmath.fp:
-        return as_float
-    return _PYTHON_HEADS[cls] if not name else getattr(ctx, name)
-
-
 #: Heads whose argument (or argument differences, for Max/Min) locate kinks.
 _KINKED = (Max, Min, Heaviside, sympy.Abs, sympy.sign)
 
@@ -914,7 +863,7 @@ def _constant(expr: Expr, ctx: Any) -> Any:
 
 
 def _compile(expr: Expr, index: Mapping[sympy.Symbol, int], ctx: Any) -> Callable[[Sequence[Any]], Any]:
-    """Closure ``u -> expr(u)`` built from ``_NUMERIC_HEADS`` (no ``eval``, no lambdify)."""
+    """Closure ``u -> expr(u)`` built from ``SCALAR_HEADS`` (no ``eval``, no lambdify)."""
     if not expr.has(*index):
         c = _constant(expr, ctx)
         return lambda u: c
@@ -936,11 +885,11 @@ def _compile(expr: Expr, index: Mapping[sympy.Symbol, int], ctx: Any) -> Callabl
             return lambda u: base(u) ** n
         p = _compile(power, index, ctx)
         return lambda u: ctx.power(base(u), p(u))
-    if type(expr) not in _NUMERIC_HEADS:
+    if type(expr) not in SCALAR_HEADS:
         raise NotImplementedError(
-            f"no numeric rule for {type(expr).__name__} in {expr}; add it to _NUMERIC_HEADS"
+            f"no numeric rule for {type(expr).__name__} in {expr}; add it to symntk.numeric.SCALAR_HEADS"
         )
-    fn = _head_function(type(expr), ctx)
+    fn = scalar_function(type(expr), ctx)
     args = [_compile(a, index, ctx) for a in expr.args]
     if len(args) == 1:
         (a0,) = args
@@ -1115,11 +1064,8 @@ def _integrate(g: Callable, rank: int, lines: list, ctx: Any, prec: int) -> Any:
 
 def _gauss_hermite(g: Callable, rank: int, ctx: Any) -> Any:
     """Tensor Gauss-Hermite for r > 2 (about 4e4 points in total)."""
-    import numpy
-
     n = max(4, int(4e4 ** (1 / rank)))
-    x, w = numpy.polynomial.hermite.hermgauss(n)
-    nodes = [(ctx.mpf(float(xi)) * ctx.sqrt(2), ctx.mpf(float(wi)) / ctx.sqrt(ctx.pi)) for xi, wi in zip(x, w)]
+    nodes = [(ctx.mpf(float(z)), ctx.mpf(float(w))) for z, w in zip(*hermite_rule(n))]
     total = 0
     for combo in itertools.product(nodes, repeat=rank):
         total += math.prod(wt for _, wt in combo) * g([z for z, _ in combo])

@@ -2,7 +2,7 @@
 
 ``k = symntk.compile(derivation)`` generates and loads the module of :mod:`symntk.codegen`
 (compiling it once, or loading Numba's cache), then ``k(X1, X2=None)`` returns a
-:class:`~symntk.evaluate.KernelResult` of float64 (N1, N2) matrices:
+:class:`~symntk.result.KernelResult` of float64 (N1, N2) matrices:
 
 1. ``per_input`` runs once over the rows of X1 (and of X2): the per-input table and the exact
    diagonal from ``derivation.diagonal``;
@@ -17,9 +17,9 @@
    the diagonal system's (exact; the pair formulas lose digits to cancellation at c = 1:
    sqrt(1 - c^2) turns a rounding error of 1e-16 in c into 1e-8, and deeper layers compound it).
 
-Quadrature (expectations without closed forms, theory §5): the node and weight arrays are
-*arguments* of the jitted functions (never callables), so the orders are options of
-:func:`compile` that need no recompilation.
+Quadrature (expectations without closed forms, the V-transforms of TP2 Def. E.1): the node and
+weight arrays of :mod:`symntk.quadrature` are *arguments* of the jitted functions (never
+callables), so the orders are options of :func:`compile` that need no recompilation.
 
 * 2-D, ``rule="polar"`` (default): polar coordinates in the whitened plane.  The kinks of
   activations at 0 (``u1 = 0``, ``u2 = 0``) are rays, so the angle is split there and each arc
@@ -41,83 +41,14 @@ import warnings
 
 import numba
 import numpy as np
-import sympy as sp
 from numba import njit, prange
 
 from . import codegen
-from .evaluate import KernelResult, bind, check_inputs
+from .binding import bind, bind_parameters
+from .quadrature import QUADRATURE, rule_arrays
+from .result import KernelResult, check_pair
 
-__all__ = ["CompiledKernel", "compile", "polar_rule", "half_rule", "hermite_rule", "QUADRATURE"]
-
-#: Default quadrature orders (see the module docstring for the accuracy they give).
-QUADRATURE = {"rule": "polar", "radial_order": 32, "angular_order": 24, "hermite_order": 64,
-              "half_order": 48, "kd_order": 16}
-
-
-# ================================================================================ rules
-@functools.lru_cache(maxsize=None)
-def _radial_gauss(power: int, n: int):
-    """Gauss rule for ``int_0^inf f(r) r^power exp(-r^2/2) dr`` (weights sum to the integral of
-    the weight).  Lanczos with full reorthogonalisation on a fine discretisation of the weight
-    (composite Gauss-Legendre), then Golub-Welsch; moments agree with the exact ones to ~1e-14."""
-    if n < 1:
-        raise ValueError(f"quadrature order must be >= 1, got {n}")
-    R = np.sqrt(2.0 * (2 * n + 40.0)) + 6.0        # the weight beyond R is below e^{-2n-40}
-    x, w = np.polynomial.legendre.leggauss(30)
-    edges = np.linspace(0.0, R, 2 * n + 61)
-    a, b = edges[:-1, None], edges[1:, None]
-    X = ((b - a) / 2 * x + (a + b) / 2).ravel()
-    W = ((b - a) / 2 * w).ravel() * X ** power * np.exp(-X * X / 2)
-    keep = W > 1e-300
-    X, W = X[keep], W[keep]
-    Q = np.zeros((n, X.size))
-    q = np.sqrt(W)
-    mu0 = q @ q
-    Q[0] = q / np.sqrt(mu0)
-    alpha, beta = np.zeros(n), np.zeros(max(n - 1, 0))
-    for k in range(n):
-        v = X * Q[k]
-        alpha[k] = Q[k] @ v
-        if k == n - 1:
-            break
-        v -= alpha[k] * Q[k]
-        if k > 0:
-            v -= beta[k - 1] * Q[k - 1]
-        for _ in range(2):                           # reorthogonalise twice (Lanczos)
-            v -= Q[:k + 1].T @ (Q[:k + 1] @ v)
-        beta[k] = np.linalg.norm(v)
-        Q[k + 1] = v / beta[k]
-    J = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
-    nodes, vecs = np.linalg.eigh(J)
-    return np.ascontiguousarray(nodes), np.ascontiguousarray(mu0 * vecs[0] ** 2)
-
-
-def polar_rule(radial_order: int, angular_order: int):
-    """``(RR, RW, AT, AW)``: radial Gauss rule for ``rho exp(-rho^2/2)`` (weights sum to 1) and
-    Gauss-Legendre on [0, 1] for the angle (weights sum to 1)."""
-    rr, rw = _radial_gauss(1, int(radial_order))
-    t, w = np.polynomial.legendre.leggauss(int(angular_order))
-    return rr, rw, np.ascontiguousarray((t + 1) / 2), np.ascontiguousarray(w / 2)
-
-
-def half_rule(order: int):
-    """``(HR, HW)``: Gauss rule for the standard normal density on [0, inf) (weights sum to 1/2)."""
-    r, w = _radial_gauss(0, int(order))
-    return r, w / np.sqrt(2 * np.pi)
-
-
-def hermite_rule(order: int):
-    """``(GZ, GW)``: probabilists' Gauss-Hermite, E f(Z) ~ sum GW f(GZ) for Z ~ N(0, 1)."""
-    z, w = np.polynomial.hermite_e.hermegauss(int(order))
-    return np.ascontiguousarray(z), np.ascontiguousarray(w / np.sqrt(2 * np.pi))
-
-
-def _rules(options: dict):
-    rr, rw, at, aw = polar_rule(options["radial_order"], options["angular_order"])
-    hr, hw = half_rule(options["half_order"])
-    gz, gw = hermite_rule(options["hermite_order"])
-    kz, kw = hermite_rule(options["kd_order"])
-    return (rr, rw, at, aw, hr, hw, gz, gw, kz, kw)
+__all__ = ["CompiledKernel", "compile"]
 
 
 # =========================================================================== the kernel
@@ -149,9 +80,8 @@ class CompiledKernel:
         self.module = module
         self.cached = cached
         self.options = dict(options)
-        self._rules = _rules(self.options)
+        self._rules = rule_arrays(self.options)
         self._dim = derivation.program.inputs[0].dim
-        self._dim_syms = {str(s) for s in [self._dim] if isinstance(s, sp.Symbol)}
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -180,17 +110,13 @@ class CompiledKernel:
 
     # ------------------------------------------------------------------ calls
     def _theta(self, params, dim: int) -> np.ndarray:
-        """The parameter vector of the generated functions (evaluate.bind names what is missing;
-        the input dimension comes from the data)."""
-        bound = {str(k): v for k, v in bind(self.derivation, params).items()}
-        vals = []
-        for p in self.generated.params:
-            if str(p) in self._dim_syms:
-                vals.append(float(dim))
-            elif str(p) in bound:
-                vals.append(float(bound[str(p)]))
-            else:
-                raise ValueError(f"unbound symbol {p}: pass it in params=")
+        """The parameter vector of the generated functions (the input dimension comes from the
+        data; :func:`symntk.binding.bind_parameters` names what is missing)."""
+        values, missing = bind(self.generated.params,
+                               bind_parameters(self.derivation, params, dim))
+        if missing:
+            raise ValueError(f"unbound symbols {missing}: pass them in params=")
+        vals = [float(values[p]) for p in self.generated.params]
         theta = np.array(vals, dtype=np.float64)
         if not np.all(np.isfinite(theta)):
             raise ValueError("params must be finite, got "
@@ -210,11 +136,8 @@ class CompiledKernel:
     def __call__(self, X1, X2=None, params=None, diagonal: bool = False, max_memory=None,
                  terms: bool = False, block_rows: int | None = None) -> KernelResult:
         g = self.generated
-        X1 = check_inputs(X1, "X1", self._dim)
         sym = X2 is None
-        X2 = X1 if sym else check_inputs(X2, "X2", self._dim)
-        if X2.shape[1] != X1.shape[1]:
-            raise ValueError(f"X1 has {X1.shape[1]} features but X2 has {X2.shape[1]}")
+        X1, X2 = check_pair(X1, X2, self._dim)
         d = X1.shape[1]
         theta = self._theta(params, d)
         n1, n2 = X1.shape[0], X2.shape[0]
@@ -358,10 +281,10 @@ def compile(derivation, *, rule: str | None = None, radial_order: int | None = N
             angular_order: int | None = None, hermite_order: int | None = None,
             half_order: int | None = None, kd_order: int | None = None, cache: bool = True,
             params: dict | None = None, warm_up: bool = True) -> CompiledKernel:
-    """Compile ``derivation`` to a :class:`CompiledKernel` (style.md §6; issue 3).
+    """Compile ``derivation`` to a :class:`CompiledKernel`.
 
     ``rule``/``*_order``: quadrature for expectations without a closed form (module docstring;
-    defaults in :data:`QUADRATURE`).  Only ``rule`` changes the generated code; the orders are
+    defaults in :data:`symntk.quadrature.QUADRATURE`).  Only ``rule`` changes the generated code; the orders are
     arrays passed at call time.  ``cache=False`` compiles in memory.  ``params`` binds symbols
     that appear in loop bounds (structural); variances stay call-time parameters.
     ``warm_up`` compiles now (or loads Numba's cache) instead of at the first call.

@@ -28,7 +28,7 @@ import sympy as sp
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import symntk
-from symntk import codegen, kernels
+from symntk import codegen, kernels, quadrature
 from symntk.activations import ACTIVATIONS
 from symntk.builders import mlp
 from symntk.codegen import NumbaPrinter, SafePow
@@ -184,7 +184,7 @@ def test_kinked_user_activation_polar_rule_is_exact():
 def test_tanh_accuracy_vs_variance():
     """Documented accuracy of the default polar rule for E tanh(u) tanh(v) (kernels docstring):
     ~1e-13 up to variance 2, ~1e-10 at variance 6."""
-    rr, rw, at, aw = kernels.polar_rule(32, 24)
+    rr, rw, at, aw = quadrature.polar_rule(32, 24)
     u1, u2 = sp.symbols("u_1 u_2", real=True)
     for var, tol in [(0.5, 1e-13), (2.0, 1e-12), (6.0, 1e-9)]:
         for c in (0.3, 0.99):
@@ -592,7 +592,7 @@ def test_acos_asin_helpers(kernel_cache):
     coefficients reproducible, clipped into [-1, 1], within 2 ulp of the true functions."""
     assert codegen.asin_coefficients() == pytest.approx(codegen.ASIN_COEFFS, rel=1e-15, abs=1e-17)
     mod = symntk.compile(derive(mlp(1, "relu", input_dim=3))).module
-    src = codegen._helpers_source()
+    src = codegen.helpers_source()
     assert "min(1.0, max(-1.0, x))" in src
     xs = np.concatenate([np.linspace(-1, 1, 2001), [0.5, -0.5, 0.5 + 1e-16, 1 - 1e-16, -1 + 1e-16,
                                                     1e-300, -1e-8, 0.0, 1.0 + 1e-15, -1.5]])
@@ -605,12 +605,12 @@ def test_acos_asin_helpers(kernel_cache):
 
 
 def test_quadrature_rules():
-    rr, rw, at, aw = kernels.polar_rule(32, 24)
+    rr, rw, at, aw = quadrature.polar_rule(32, 24)
     for k in (0, 1, 4, 11):                   # int_0^inf r^k r exp(-r^2/2) dr = 2^{k/2} (k/2)!
         assert np.sum(rw * rr ** k) == pytest.approx(2 ** (k / 2) * float(sp.gamma(k / 2 + 1)),
                                                      rel=1e-14)
     assert np.sum(aw) == pytest.approx(1, rel=1e-15) and 0 < at.min() < at.max() < 1
-    hr, hw = kernels.half_rule(48)
+    hr, hw = quadrature.half_rule(48)
     assert np.sum(hw) == pytest.approx(0.5, rel=1e-14)
     assert np.sum(hw * hr ** 2) == pytest.approx(0.5, rel=1e-14)           # E z^2 on z > 0
     with pytest.raises(ValueError, match="order"):

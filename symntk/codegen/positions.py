@@ -23,17 +23,13 @@ three indices, and Gaussian expectations without a closed form are not generated
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
 
-from .derivation import Derivation
-from .zcalculus import LENGTH
+from ..derivation import Derivation
+from ..zcalculus import LENGTH
 
 __all__ = ["compile_positions", "PositionKernel"]
 
@@ -155,7 +151,7 @@ class _Printer:
     """NumbaPrinter with storage templates for family entries and input kernels."""
 
     def __init__(self, storage: dict):
-        from .codegen import NumbaPrinter
+        from .printer import NumbaPrinter
 
         class P(NumbaPrinter):
             def _print_Indexed(self_, expr):
@@ -287,7 +283,7 @@ def _hoist(cross: dict, one: dict) -> None:
 
 
 def _check_closed(d: Derivation):
-    from .gaussian import GaussianExpectation
+    from ..gaussian import GaussianExpectation
     for e in d.equations:
         if e.rhs.has(GaussianExpectation):
             raise NotImplementedError(
@@ -337,8 +333,8 @@ def _source(pair: Derivation, diag: Derivation, params: list) -> tuple[str, list
     em.emit(0, "import numpy as np")
     em.emit(0, "from numba import njit, prange")
     em.emit(0, "CACHE = True")
-    from .codegen import _helpers_source
-    em.lines.extend(_helpers_source().splitlines())
+    from .module import helpers_source
+    em.lines.extend(helpers_source().splitlines())
 
     for f in dfams.values():
         f.rhs = subst(f.rhs)
@@ -457,15 +453,16 @@ class PositionKernel:
         self.sides = sides
 
     def __call__(self, X1, X2=None, params=None):
-        from .evaluate import KernelResult, bind
-        from .evaluate_positions import check_sequences
+        from ..binding import bind_parameters
+        from ..evaluate_positions import check_sequences
+        from ..result import KernelResult
         dim = self.derivation.program.inputs[0].dim
         X1 = np.ascontiguousarray(check_sequences(X1, "X1", dim))
         symmetric = X2 is None
         X2 = X1 if symmetric else np.ascontiguousarray(check_sequences(X2, "X2", dim))
         if X2.shape[2] != X1.shape[2]:
             raise ValueError(f"X1 has tokens of dimension {X1.shape[2]} but X2 of {X2.shape[2]}")
-        consts = bind(self.derivation, params)
+        consts = bind_parameters(self.derivation, params, X1.shape[2])
         theta = np.array([float(consts[p]) for p in self.params], dtype=np.float64)
         m = self.module
         tables = []
@@ -494,25 +491,23 @@ class PositionKernel:
         return KernelResult(out[0] if self.derivation.nngp is not None else None, ntk, terms)
 
 
+@dataclass(frozen=True)
+class _Module:
+    """The text of a positions module, as the kernel cache reads it (content-addressed)."""
+    source: str
+    key: str
+
+    @property
+    def module_name(self) -> str:
+        from .module import MODULE_PREFIX
+        return MODULE_PREFIX + "positions_" + self.key
+
+
 def compile_positions(derivation: Derivation) -> PositionKernel:
-    """Generate, cache and import the Numba module of a positioned derivation."""
-    from .codegen import cache_dir
+    """Generate the Numba module of a positioned derivation and load it through the kernel
+    cache (:func:`symntk.codegen.cache.load_module`)."""
+    from .cache import load_module, source_hash
     params = sorted(derivation.parameters(), key=str)
     source, term_names, shapes, sides = _source(derivation, derivation.diagonal, params)
-    key = hashlib.sha256((CODEGEN_VERSION + source).encode()).hexdigest()[:20]
-    name = f"symntk_positions_{key}"
-    root = cache_dir()
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, name + ".py")
-    if not os.path.exists(path):
-        tmp = path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(source)
-        os.replace(tmp, path)
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module           # before exec_module: Numba's cache needs it
-        spec.loader.exec_module(module)
+    module, _ = load_module(_Module(source, source_hash(CODEGEN_VERSION + source)))
     return PositionKernel(derivation, module, params, term_names, shapes, sides)

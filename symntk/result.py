@@ -1,0 +1,47 @@
+"""What a kernel evaluation returns, and the checks on the data it is given.
+
+Shared by the reference evaluator (:mod:`symntk.evaluate`) and the compiled kernels
+(:mod:`symntk.kernels`), which do not import each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+__all__ = ["KernelResult", "check_inputs", "check_pair"]
+
+
+@dataclass(frozen=True)
+class KernelResult:
+    """NNGP and NTK Gram matrices (N1, N2); ``ntk_terms`` splits the NTK by parameter."""
+    nngp: np.ndarray | None
+    ntk: np.ndarray
+    ntk_terms: dict
+
+
+def check_inputs(X, name="X", dim=None) -> np.ndarray:
+    """Validate a data matrix: 2-D, finite, float64; a clear error otherwise."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[None, :]
+    if X.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, d), got an array of shape {X.shape}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {X.shape})")
+    if not np.all(np.isfinite(X)):
+        bad = np.argwhere(~np.isfinite(X))[0]
+        raise ValueError(f"{name} contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
+    if dim is not None and sp.sympify(dim).is_Integer and X.shape[1] != int(dim):
+        raise ValueError(f"{name} has {X.shape[1]} features but the program's input dimension is {dim}")
+    return X
+
+
+def check_pair(X1, X2, dim=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(X1, X2)`` checked by :func:`check_inputs` (``X2=None``: X1) with as many features."""
+    X1 = check_inputs(X1, "X1", dim)
+    X2 = X1 if X2 is None else check_inputs(X2, "X2", dim)
+    if X2.shape[1] != X1.shape[1]:
+        raise ValueError(f"X1 has {X1.shape[1]} features but X2 has {X2.shape[1]}")
+    return X1, X2
