@@ -15,6 +15,7 @@ import sympy as sp
 from hypothesis import given, settings, strategies as st
 
 import symntk
+from reference_rnn import rnn_nngp_ntk
 from symntk import (Bias, Input, Program, ProgramError, Readout, Weight, mlp, nonlin)
 from symntk.program import Pool, scan
 
@@ -35,44 +36,11 @@ def simple_rnn(readout="mean", vw=1, vu=2, vb=sp.Rational(1, 5), vv=1, parametri
 
 
 # ----------------------------------------------------------------------------- the reference
-def _verf(s11, s22, s12):
-    return 2 / np.pi * np.arcsin(2 * s12 / np.sqrt((1 + 2 * s11) * (1 + 2 * s22)))
-
-
-def _verf_prime(s11, s22, s12):
-    return 4 / np.pi / np.sqrt((1 + 2 * s11) * (1 + 2 * s22) - 4 * s12 ** 2)
-
-
-def ntk4a_rnn(x, y, vw, vu, vb, vv, mean):
-    """NNGP and NTK of the erf RNN in the TP convention, from TP2 App. E.2 / NTK4A:
-    Sigma^{t,r} = vw C^{t-1,r-1} + vu x^t.y^r/d + vb, C = V_erf(Sigma), backward from the end with
-    D^{s^T, s^R} = vv (last) or vv/(T R) at every (t, r) (mean), D^h = V_erf'(Sigma) D^s, and
-    Theta = sum_{t,r} D^h (C^{t-1,r-1} + x^t.y^r/d + 1) + (the readout's C)."""
-    T, R, d = len(x), len(y), x.shape[1]
-
-    def diagonal(a):
-        s, c = np.zeros(len(a) + 1), np.zeros(len(a) + 1)
-        for t in range(1, len(a) + 1):
-            s[t] = vw * c[t - 1] + vu * a[t - 1] @ a[t - 1] / d + vb
-            c[t] = _verf(s[t], s[t], s[t])
-        return s
-    sx, sy = diagonal(x), diagonal(y)
-    C, S, Dd = (np.zeros((T + 1, R + 1)) for _ in range(3))
-    for t in range(1, T + 1):
-        for r in range(1, R + 1):
-            S[t, r] = vw * C[t - 1, r - 1] + vu * x[t - 1] @ y[r - 1] / d + vb
-            C[t, r] = _verf(sx[t], sy[r], S[t, r])
-            Dd[t, r] = _verf_prime(sx[t], sy[r], S[t, r])
-    Ds, Dh = np.zeros((T + 2, R + 2)), np.zeros((T + 2, R + 2))
-    for t in range(T, 0, -1):
-        for r in range(R, 0, -1):
-            seed = vv / (T * R) if mean else vv * (t == T and r == R)
-            Ds[t, r] = seed + vw * Dh[t + 1, r + 1]
-            Dh[t, r] = Dd[t, r] * Ds[t, r]
-    theta = sum(Dh[t, r] * (C[t - 1, r - 1] + x[t - 1] @ y[r - 1] / d + 1)
-                for t in range(1, T + 1) for r in range(1, R + 1))
-    c_out = C[1:, 1:].mean() if mean else C[T, R]
-    return vv * c_out, theta + c_out
+def ntk4a_rnn(X1, X2, readout, activation="erf", vw=1.0, vu=2.0, vb=0.2, vv=1.0):
+    """NNGP and NTK of the NTK4A simple RNN (TP convention), from TP2 App. E.2 written in NumPy
+    without symntk (tests/reference_rnn.py)."""
+    return rnn_nngp_ntk(X1, X2, activation=activation, var_w=vw, var_u=vu, var_b=vb, var_v=vv,
+                        readout=readout)
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +78,9 @@ def test_ntk4a_rnn_equals_the_paper_recursion(rnn_derivations, how):
     rng = np.random.default_rng(1)
     X1, X2 = rng.standard_normal((3, 4, 3)), rng.standard_normal((2, 6, 3))
     K = rnn_derivations[how].gram(X1, X2)
-    ref = np.array([[ntk4a_rnn(a, b, 1, 2, 0.2, 1, how == "mean") for b in X2] for a in X1])
-    np.testing.assert_allclose(K.nngp, ref[..., 0], rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(K.ntk, ref[..., 1], rtol=1e-10, atol=1e-14)
+    nngp, ntk = ntk4a_rnn(X1, X2, how)
+    np.testing.assert_allclose(K.nngp, nngp, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(K.ntk, ntk, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("how", ["mean", "last"])
@@ -120,9 +88,9 @@ def test_diagonal_system_equals_the_pair_recursion(rnn_derivations, how):
     rng = np.random.default_rng(2)
     X = rng.standard_normal((3, 5, 3))
     K = rnn_derivations[how].gram(X)            # diagonal from the same-input system
-    ref = np.array([[ntk4a_rnn(a, b, 1, 2, 0.2, 1, how == "mean") for b in X] for a in X])
-    np.testing.assert_allclose(K.ntk, ref[..., 1], rtol=1e-10)
-    np.testing.assert_allclose(K.nngp, ref[..., 0], rtol=1e-10)
+    nngp, ntk = ntk4a_rnn(X, X, how)
+    np.testing.assert_allclose(K.ntk, ntk, rtol=1e-10)
+    np.testing.assert_allclose(K.nngp, nngp, rtol=1e-10)
 
 
 def test_ntk_parametrization_scales_each_term_by_its_variance():
@@ -258,3 +226,26 @@ def test_rnn_latex_reads_like_tp2_eq14(rnn_derivations):
     expanded = rnn_derivations["last"].latex(expand=True)
     assert r"\frac{{\xi^{t}}^{\top}\xi'^{r}}{d}" in expanded
     assert r"C^{s}(\xi^{T},\xi'^{\bar{T}})" in expanded
+
+
+# ----------------------------------------------------------------------------- finite width
+# The derived kernel against the same program sampled at width 4096 (the referee's exact
+# empirical NTK), Neural Tangents' parametrization, sequences of unequal lengths.
+@pytest.mark.slow
+@pytest.mark.parametrize("program", [
+    lambda: symntk.rnn("erf", weight_std=1.2, input_std=1.0, bias_std=0.3, readout="mean",
+                       input_dim=3),
+    lambda: symntk.rnn("relu", weight_std=1.2, input_std=1.0, bias_std=0.3, readout="last",
+                       input_dim=3),
+    lambda: symntk.stacked_rnn(2, "relu", weight_std=1.0, input_std=1.2, readout="mean",
+                               input_dim=3),
+], ids=["erf-mean", "relu-last", "stacked-relu-mean"])
+def test_derived_rnn_kernel_is_the_wide_network_mean(program):
+    prog = program()
+    rng = np.random.default_rng(8)
+    X1, X2 = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 3, 3))
+    K = symntk.kernel(prog, X1, X2)
+    mc = symntk.monte_carlo(prog, X1, X2, width=4096, n_samples=4, seed=11)
+    # (the NNGP, an average of f f' over networks, needs far more samples than the NTK, which
+    # concentrates in every network; it is held against the paper's recursion above)
+    assert np.all(np.abs(mc.ntk_mean - K.ntk) <= 3 * mc.ntk_sem + 1e-12), (mc.ntk_mean, K.ntk)
