@@ -15,8 +15,8 @@ Quick start::
     k = d.gram(X)          # k.nngp, k.ntk
 """
 from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment, Nonlin,
-                      OutputBias, Program, ProgramError, Readout, Repeat, Transpose, Vector,
-                      Weight, WIDTH, nonlin, repeat)
+                      OutputBias, Pool, Program, ProgramError, Readout, Repeat, Scan, Transpose,
+                      Vector, VectorReadout, Weight, WIDTH, nonlin, repeat, scan)
 from .builders import gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
 from .derivation import Derivation, Equation, Loop, derive
 from .evaluate import gram
@@ -32,8 +32,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Bias", "Carry", "Embedding", "FixedReadout", "Input", "MatMul", "Moment", "Nonlin",
-    "OutputBias", "Program", "ProgramError", "Readout", "Repeat", "Transpose", "Vector", "Weight",
-    "WIDTH", "nonlin", "repeat", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
+    "OutputBias", "Pool", "Program", "ProgramError", "Readout", "Repeat", "Scan", "Transpose",
+    "Vector", "VectorReadout", "Weight", "WIDTH", "nonlin", "repeat", "scan", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
     "lstm", "Derivation", "Equation",
     "Loop", "derive", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
