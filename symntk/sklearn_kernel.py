@@ -22,6 +22,7 @@ through ``kernel(X, Y)``, as a precomputed Gram matrix for ``SVC(kernel="precomp
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import numpy as np
 import sympy as sp
@@ -38,7 +39,7 @@ from .program import Program
 __all__ = ["TensorProgramKernel", "tangent_derivation", "hyperparameter_symbols"]
 
 KINDS = ("nngp", "ntk")
-_DERIVATIONS: dict = {}
+_DERIVATIONS = weakref.WeakKeyDictionary()   # program -> mode -> [derivation, compiled, tangents]
 
 
 # ------------------------------------------------------------------------ forward mode
@@ -136,10 +137,10 @@ def _derived(program, mode):
     if not isinstance(program, Program):
         raise TypeError(f"program must be a symntk Program or Derivation, got "
                         f"{type(program).__name__}")
-    key = (program, mode)
-    if key not in _DERIVATIONS:
-        _DERIVATIONS[key] = [derive(program, mode=mode), None, {}]
-    return _DERIVATIONS[key][0], _DERIVATIONS[key]
+    slots = _DERIVATIONS.setdefault(program, {})
+    if mode not in slots:
+        slots[mode] = [derive(program, mode=mode), None, {}]
+    return slots[mode][0], slots[mode]
 
 
 class TensorProgramKernel(Kernel):
@@ -185,9 +186,13 @@ class TensorProgramKernel(Kernel):
     def hyperparameters(self):
         return [Hyperparameter(n, "numeric", getattr(self, f"{n}_bounds")) for n in self._names]
 
+    def __sklearn_clone__(self):
+        # no deep copy of the program: it is immutable, and a copy would be a different program
+        # (programs compare by identity) that has to be derived again
+        return type(self)(**self.get_params(deep=False))
+
     def clone_with_theta(self, theta):
-        # no deep copy of the program: it is immutable and shared by every clone
-        cloned = type(self)(**self.get_params(deep=False))
+        cloned = self.__sklearn_clone__()
         cloned.theta = theta
         return cloned
 
