@@ -185,6 +185,11 @@ class _Spectrum:
                         "t = inf needs 0 < eta * lambda < 2 for every eigenvalue")
                 g[keep] = 1.0 / lk
             else:
+                if np.any(rate <= -1.0):
+                    warnings.warn(
+                        f"gradient descent with learning rate {eta} diverges: eta * lambda_max = "
+                        f"{eta * lk.max():.4g} >= 2 (the prediction grows without bound in t)",
+                        RuntimeWarning, stacklevel=4)
                 # 1 - (1 - eta lam)^t computed as -expm1(t log1p(-eta lam)) when 1 - eta lam > 0
                 pos = rate > 0
                 out = np.empty_like(lk)

@@ -185,6 +185,8 @@ def test_discrete_infinite_time_needs_a_stable_learning_rate():
         gradient_descent_mse(kern, X, Y, Xt, np.inf, learning_rate=2.5 / lam, discrete=True)
     with pytest.raises(ValueError, match="steps"):
         gradient_descent_mse(kern, X, Y, Xt, 1.5, discrete=True)
+    with pytest.warns(RuntimeWarning, match="diverges"):
+        gradient_descent_mse(kern, X, Y, Xt, 3, learning_rate=2.5 / lam, discrete=True)
 
 
 def test_vector_outputs_are_independent_columns():
