@@ -145,7 +145,15 @@ def train(net: FiniteNetwork, X, Y, *, learning_rate: float, steps: int, loss: s
     work = net.with_parameters(params)
     factors = {label: work.factor(label, parametrization) for label in chosen}
     run = TrainingRun(work)
-    for step in range(int(steps) + 1):
+    with np.errstate(over="ignore", invalid="ignore"):     # divergence is reported below
+        _descend(work, X, Y, params, chosen, factors, learning_rate, int(steps), loss, record,
+                 X_test, run)
+    return run
+
+
+def _descend(work, X, Y, params, chosen, factors, learning_rate, steps, loss, record, X_test,
+             run):
+    for step in range(steps + 1):
         tape = work._backward(X)
         f = tape.outputs
         if f.shape != Y.shape:
@@ -163,4 +171,3 @@ def train(net: FiniteNetwork, X, Y, *, learning_rate: float, steps: int, loss: s
         if not all(np.all(np.isfinite(params[label])) for label in chosen):
             raise FloatingPointError(f"gradient descent diverged at step {step + 1}: lower the "
                                      f"learning rate (now {learning_rate})")
-    return run
