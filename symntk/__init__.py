@@ -26,6 +26,7 @@ from .limits import expectation
 from .compare import Comparison, compare
 from .finite import FiniteNetwork, empirical_ntk, monte_carlo, sample
 from .convergence import convergence, plot_convergence
+from .predict import Prediction, Predictor, gp_posterior, gradient_descent_mse
 from . import examples
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "Loop", "derive", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
     "monte_carlo", "sample", "convergence", "plot_convergence",
+    "Prediction", "Predictor", "gradient_descent_mse", "gp_posterior",
 ]
 
 
