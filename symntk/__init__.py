@@ -63,12 +63,5 @@ def kernel(program, X1, X2=None, mode: str = "gia", params=None) -> KernelResult
 
     Derivations the code generator does not handle yet fall back to the NumPy evaluator.
     """
-    import warnings
-    d = derive(program, mode=mode)
-    try:
-        k = d.compile()
-    except NotImplementedError as exc:
-        warnings.warn(f"compiled kernel unavailable ({exc}); using the NumPy evaluator",
-                      RuntimeWarning, stacklevel=2)
-        return d.gram(X1, X2, params=params)
+    k = derive(program, mode=mode).kernel_function(stacklevel=2)
     return k(X1, X2, params=params)

@@ -10,7 +10,7 @@ import sympy as sp
 
 from sympy import Lambda, Symbol
 
-from .program import _variance as _check_variance
+from .program import _expr, _variance as _check_variance
 
 from .program import (POOLINGS, WIDTH, Bias, Carry, Input, Nonlin, OutputBias, Pool, Program,
                       ProgramError, Readout, Scan, Vector, Weight, nonlin, repeat)
@@ -24,13 +24,7 @@ def _number(value, what: str) -> sp.Expr:
     """A builder's scalar argument as SymPy: a number or a SymPy expression, never text."""
     if isinstance(value, (str, bool)) or value is None:
         raise ProgramError(f"{what} must be a number or a SymPy expression, got {value!r}")
-    try:
-        expr = sp.sympify(value, strict=True)
-    except (sp.SympifyError, TypeError) as exc:
-        raise ProgramError(f"{what} must be a number or a SymPy expression, got {value!r}") from exc
-    if not isinstance(expr, sp.Expr):
-        raise ProgramError(f"{what} must be a scalar expression, got {value!r}")
-    return expr
+    return _expr(value, what)
 
 
 def _std(std, what: str) -> sp.Expr:

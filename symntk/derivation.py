@@ -156,6 +156,21 @@ class Derivation:
         from .evaluate import evaluate_pair
         return evaluate_pair(self, x1, x2, **options)
 
+    def kernel_function(self, stacklevel: int = 2):
+        """``k(X1, X2=None, params=None, diagonal=False)``: the compiled kernel, or, where the code
+        generator does not handle this derivation yet, the NumPy evaluator (with a RuntimeWarning
+        that says why)."""
+        import warnings
+        try:
+            return self.compile()
+        except NotImplementedError as exc:
+            warnings.warn(f"compiled kernel unavailable ({exc}); using the NumPy evaluator",
+                          RuntimeWarning, stacklevel=stacklevel + 1)
+
+        def reference(X1, X2=None, params=None, diagonal=False):
+            return self.gram(X1, X2, params=params, diagonal=diagonal)
+        return reference
+
     def compile(self, **options):
         """A Numba kernel for these equations (cached on disk): ``k = d.compile(); k(X1, X2)``."""
         if any(inp.positions for inp in self.program.inputs):

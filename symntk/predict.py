@@ -100,15 +100,7 @@ def _kernel_function(kernel, params, mode) -> Callable:
         from .derivation import derive
         kernel = derive(kernel, mode=mode)
     if isinstance(kernel, Derivation):
-        derivation = kernel
-        try:
-            kernel = derivation.compile()
-        except NotImplementedError as exc:
-            warnings.warn(f"compiled kernel unavailable ({exc}); using the NumPy evaluator",
-                          RuntimeWarning, stacklevel=3)
-
-            def kernel(X1, X2=None, params=None, diagonal=False):
-                return derivation.gram(X1, X2, params=params, diagonal=diagonal)
+        kernel = kernel.kernel_function(stacklevel=3)
     if not callable(kernel):
         raise TypeError("kernel must be a Program, a Derivation, a compiled kernel or a callable "
                         f"k(X1, X2=None, params=None, diagonal=False), got {type(kernel).__name__}")

@@ -21,7 +21,6 @@ through ``kernel(X, Y)``, as a precomputed Gram matrix for ``SVC(kernel="precomp
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 
 import numpy as np
@@ -226,14 +225,7 @@ class TensorProgramKernel(Kernel):
         derivation, slot = _derived(self.program, self.mode)
         if slot is not None and slot[1] is not None:
             return slot[1]
-        try:
-            k = derivation.compile()
-        except NotImplementedError as exc:
-            warnings.warn(f"compiled kernel unavailable ({exc}); using the NumPy evaluator",
-                          RuntimeWarning, stacklevel=3)
-
-            def k(X1, X2=None, params=None, diagonal=False):
-                return derivation.gram(X1, X2, params=params, diagonal=diagonal)
+        k = derivation.kernel_function(stacklevel=3)
         if slot is not None:
             slot[1] = k
         return k

@@ -295,7 +295,6 @@ def _source(pair: Derivation, diag: Derivation, params: list) -> tuple[str, list
     pair, diag = pair.reduced(), diag.reduced()
     _check_closed(pair)
     _check_closed(diag)
-    inputs = [l for l in pair.inputs] + [l for l in diag.inputs]
     fams, scalars = _families(pair)
     dfams, dscalars = _families(diag)
     for f in list(fams.values()) + list(dfams.values()):
