@@ -1,4 +1,5 @@
 """Exact mode (Zhat + Zdot), the Simple GIA Check, and GIA vs exact (theory §3.4-4, §8 G5, G6)."""
+import inspect
 import numpy as np
 import pytest
 import sympy as sp
@@ -84,10 +85,15 @@ def test_odd_activation_has_no_zdot():
 
 
 # ---------------------------------------------------------------- BP-like: exact == GIA
+#: builders of one-vector-per-example networks, (depth, activation, ...): every such builder
+VECTOR_BUILDERS = [k for k in builders.__all__
+                   if list(inspect.signature(getattr(builders, k)).parameters)[:2]
+                   == ["depth", "activation"] and getattr(builders, k)(1).inputs[0].positions is None]
+
 programs = st.builds(
     lambda kind, depth, act, sb, par: getattr(builders, kind)(
         depth, act, weight_std=1.3, bias_std=sb, parametrization=par, input_dim=3),
-    kind=st.sampled_from(builders.__all__),
+    kind=st.sampled_from(VECTOR_BUILDERS),
     depth=st.integers(1, 3),
     act=st.sampled_from(["relu", "erf", "tanh", "identity", "monomial(2)", "gelu"]),
     sb=st.one_of(st.none(), st.just(0.4)),
@@ -106,7 +112,9 @@ def test_exact_equals_gia_on_bp_like_programs(program):
     assert exact.ntk == gia.ntk
     X = np.random.default_rng(0).normal(size=(3, 3))
     width = {"n": 64}      # the standard parametrization's NTK grows with n; the others ignore it
-    np.testing.assert_array_equal(exact.gram(X, params=width).ntk, gia.gram(X, params=width).ntk)
+    # identical equations; the reference quadrature's BLAS sums may differ in the last bit
+    np.testing.assert_allclose(exact.gram(X, params=width).ntk, gia.gram(X, params=width).ntk,
+                               rtol=1e-14, atol=0)
 
 
 # ---------------------------------------------------------------- gia_check verdicts
