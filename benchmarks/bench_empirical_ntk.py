@@ -1,6 +1,6 @@
 """Empirical NTK: structured contraction vs brute-force per-example Jacobian (symntk.finite).
 
-Default case (issue 4): depth-3 ReLU MLP with biases, width 2048, N = 256 inputs of dimension
+Default case: depth-3 ReLU MLP with biases, width 2048, N = 256 inputs of dimension
 d = 100, NTK parametrization.  Both methods run on the *same* sampled network in the same process;
 wall time (best of ``--repeat``) and peak traced memory (tracemalloc, which sees numpy's buffers)
 are printed with their ratios, and the two Gram matrices are compared.  Nothing is asserted.

@@ -1,4 +1,4 @@
-"""Compiled kernels against hand-written Numba and vectorised NumPy (issue 3).
+"""Compiled kernels against hand-written Numba and vectorised NumPy.
 
     python benchmarks/bench_kernels.py            # the full table (a few minutes on 2 cores)
     python benchmarks/bench_kernels.py --quick    # N = 500 only, a smoke run
@@ -7,7 +7,7 @@ Every number of a row is measured in this one process, interleaved, median of th
 
 * ``generated``: ``symntk.compile(derive(mlp(...)))(X)`` -- the whole call: per-input pass,
   BLAS input kernel, pairs (j > i), mirror, exact diagonal;
-* ``hand numba``: the same MLP recursion written by hand (theory §2.5, Jacot / Neural Tangents
+* ``hand numba``: the same MLP recursion written by hand (TP2 Eqs. 6-9; Jacot / Neural Tangents
   conventions) with the generated code's loop structure: per-input diagonal, single-threaded
   BLAS staging, prange over rows of j > i, columns in chunks of 128 with every layer an innermost
   loop over the chunk, the same polynomial ``acos``/``asin`` (so LLVM vectorises it), the same
@@ -196,7 +196,7 @@ def _erf_diag(q, sw2, sb2, depth, S, RS, dnngp, dntk):
 
 @njit(cache=True, parallel=True)
 def _erf_pairs(S, RS, sw2, sb2, depth, nngp, ntk, gscale):
-    """Williams' arcsine closed forms (theory §5)."""
+    """Williams' arcsine closed forms (TP2 Fact E.3; Williams 1997)."""
     n = ntk.shape[0]
     for ii in prange(n):
         i = ii // 2 if ii % 2 == 0 else n - 1 - ii // 2

@@ -1,4 +1,4 @@
-"""Shared driver for the GIA-vs-exact worked derivations (theory §3.4-4)."""
+"""Shared driver for the GIA-vs-exact worked derivations (TP3 Box 1; TP2 §5, Condition 1)."""
 from __future__ import annotations
 
 import argparse

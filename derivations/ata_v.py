@@ -1,4 +1,4 @@
-"""x = A^T A v: the Zhat + Zdot calculus on its canonical example (TP3 Ex. 2.5, 2.8; theory G5).
+"""x = A^T A v: the Zhat + Zdot calculus on its canonical example (TP3 Ex. 2.5, 2.8).
 
 Exact: E Z^v Z^x = 1, E (Z^x)^2 = 2.  GIA (A^T independent of A): 0 and 1.
 

@@ -1,13 +1,13 @@
-"""Worked derivation: the MLP (theory §2.5, §8 G1, G2).
+"""Worked derivation: the MLP (TP2 Eqs. 6, 8, 9; Jacot et al. 2018).
 
 Run:  python derivations/mlp.py [--out DIR]
 
 Derives the NNGP/NTK recursion of a ReLU MLP under GIA, prints it (plain text and LaTeX), writes a
-standalone .tex file, and checks the golden values of theory §8:
-  G1  TP2 App. E.1: 2 hidden ReLU layers with biases, no readout bias, unit variances:
+standalone .tex file, and checks closed forms:
+  * TP2 App. E.1: 2 hidden ReLU layers with biases, no readout bias, unit variances:
       Theta(x, x) = 3/4 |x|^2/m + 7/4, so x = (1, 2, 0) gives 3.
-  G2  He-initialised ReLU (sigma_w^2 = 2), no biases: Theta(x, x) = 2(L+1)q (Jacot / NT) and
-      (L+1)q (Tensor Programs convention), and the published off-diagonal entries.
+  * He-initialised ReLU (sigma_w^2 = 2), no biases: Theta(x, x) = 2(L+1)q (Jacot / NT) and
+      (L+1)q (Tensor Programs convention), and reference off-diagonal entries.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sympy as sp
 
 import symntk
 
-G2 = {1: [6.666667, 0.0621634, 4.666667], 2: [10.0, 1.1560405, 7.0],
+HE_RELU_NTK = {1: [6.666667, 0.0621634, 4.666667], 2: [10.0, 1.1560405, 7.0],
       3: [13.33333, 2.2517982, 9.33333]}
 
 
@@ -49,17 +49,17 @@ def main(argv=None) -> int:
     print(f"\nwrote {path}")
 
     ok = True
-    print("\n== golden values (theory §8) ==")
+    print("\n== closed forms (TP2 App. E.1; He-initialised ReLU MLP) ==")
     x = np.array([[1.0, 2.0, 0.0]])
     g1 = symntk.derive(symntk.mlp(2, "relu", weight_std=1, bias_std=1, readout_bias=False, input_dim=3))
-    ok &= check("G1 Theta(x,x), x=(1,2,0)", g1.gram(x).ntk[0, 0], 3.0, 1e-12)
+    ok &= check("TP2 App. E.1 Theta(x,x), x=(1,2,0)", g1.gram(x).ntk[0, 0], 3.0, 1e-12)
     X = np.array([[1.0, 2.0, 0.0], [0.5, -1.0, 1.5]])
-    for L, want in G2.items():
+    for L, want in HE_RELU_NTK.items():
         K = symntk.derive(symntk.mlp(L, "relu", weight_std=sp.sqrt(2), input_dim=3)).gram(X).ntk
-        ok &= check(f"G2 L={L} [xx, xy, yy] Jacot/NT", [K[0, 0], K[0, 1], K[1, 1]], want, 2e-6)
+        ok &= check(f"He ReLU L={L} [xx, xy, yy] Jacot/NT", [K[0, 0], K[0, 1], K[1, 1]], want, 2e-6)
         tp = symntk.derive(symntk.mlp(L, "relu", weight_std=sp.sqrt(2), input_dim=3,
                                       parametrization="tp")).gram(X).ntk
-        ok &= check(f"G2 L={L} Theta(x,x) TP convention", tp[0, 0], (L + 1) * 5 / 3, 1e-12)
+        ok &= check(f"He ReLU L={L} Theta(x,x) TP convention", tp[0, 0], (L + 1) * 5 / 3, 1e-12)
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 

@@ -1,4 +1,4 @@
-"""NTK4A-style deviation-vs-width study for depth-3 ReLU and erf MLPs (theory §6.4, TP2 Fig. 1).
+"""NTK4A-style deviation-vs-width study for depth-3 ReLU and erf MLPs (TP2 Fig. 1).
 
 For each width n in 64..4096 and each seed, sample the MLP, form its empirical NTK on N random
 inputs (symntk.finite) and measure ||Theta_n - Theta_inf||_F / ||Theta_inf||_F against the

@@ -1,4 +1,4 @@
-"""TP2 §6.3 / TP3 App. C: the gradient GIA gets wrong (theory §4.1, §8 G6a).
+"""TP2 §6.3 / TP3 App. C: the gradient GIA gets wrong.
 
 x^1 = W^1 xi + 1 at xi = 0 (so x^1 = 1), h^2 = W^2 x^1, x^2 = (h^2)^2, y = 1^T x^2 / n.
 The gradient dx^1 = 2 W^2T W^2 1 has E = 2 and E^2 = 8 exactly; GIA says 0 and 4.

@@ -3,8 +3,8 @@
 Every activation is a SymPy expression in ONE canonical real variable :data:`X`
 (``Symbol('x', real=True)``).  A single variable keeps the rest of symntk simple: a
 Nonlin applies ``phi.xreplace({X: z})`` to a Gaussian ``z``, the derivative
-``phi'`` needed by the backward pass (theory.md §2.5, §3.2) is ``sympy.diff(phi, X)``,
-and the Gaussian-expectation rules (:mod:`symntk.gaussian`, theory.md §5) recognise
+``phi'`` needed by the backward pass (TP2 Eq. 8, Programs 1-2) is ``sympy.diff(phi, X)``,
+and the Gaussian-expectation rules (:mod:`symntk.gaussian`, TP2 App. E) recognise
 the heads that appear here (``Max(0, .)``, ``Heaviside``, ``erf``, ``exp``, ...).
 
 Kinked activations are written with ``Max(0, .)`` on purpose: with a *real* symbol

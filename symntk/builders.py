@@ -1,6 +1,6 @@
 """Builders for common architectures.  Each returns an ordinary :class:`~symntk.program.Program`.
 
-Conventions follow Neural Tangents' ``stax`` (theory §1.5, §2.5) so numbers can be checked against
+Conventions follow Neural Tangents' ``stax`` (Jacot et al. 2018) so numbers can be checked against
 it: ``Dense(out, W_std=weight_std, b_std=bias_std, parameterization="ntk")`` layers, input kernel
 ``x.x'/d``, and a ``Dense(1)`` readout with the same ``weight_std``/``bias_std`` and its own bias.
 """
@@ -132,7 +132,7 @@ def tied_mlp(depth: int, activation="relu", weight_std=1.0, bias_std=None, param
     """An MLP whose hidden layers 2..depth all reuse ONE matrix W (weight tying across depth).
 
     Biases stay per layer.  Its NNGP equals the untied MLP's (TP0 App. D.6), but its NTK sums
-    D C over every pair of uses of W, so cross-layer kernels enter (theory §3.1).
+    D C over every pair of uses of W, so cross-layer kernels enter (TP2 Eqs. 11-12).
     """
     _check_arguments(depth, weight_std, bias_std, readout_bias)
     xi = Input("xi", input_dim)

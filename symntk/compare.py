@@ -1,4 +1,5 @@
-"""GIA against the exact calculus, side by side (theory §3.3-4).
+"""GIA against the exact calculus, side by side (GIA: TP2 Heuristic 4.1; exact: TP3 Box 1, Thm 2.10;
+the Simple GIA Check: TP2 §5, Condition 1).
 
 ``compare(program, X)`` derives the program both ways, decides the Simple GIA Check, gives the
 symbolic difference of the two NTKs, their Gram matrices on the data, and optionally the

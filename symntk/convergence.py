@@ -1,4 +1,4 @@
-"""Deviation of the finite-width NTK from its infinite-width limit (the NTK4A study, theory §6.4).
+"""Deviation of the finite-width NTK from its infinite-width limit (the NTK4A study, TP2 Fig. 1).
 
 For each width n and seed s a network is sampled and its empirical NTK Theta_n on the inputs X is
 compared with the infinite-width Gram matrix Theta_inf by the relative Frobenius deviation
@@ -8,7 +8,7 @@ compared with the infinite-width Gram matrix Theta_inf by the relative Frobenius
 The Master Theorem gives Theta_n -> Theta_inf a.s.; the fluctuations are CLT-sized, so
 E dev(n) ~ c n^{-1/2} and the log-log slope of the per-width mean is about -1/2 (TP2 Fig. 1).
 The reference Theta_inf is an input (any derivation engine, closed form or oracle): this module
-does not depend on the derivation stage (design §5).
+does not depend on the derivation stage, so the finite-width side stays an independent check.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def convergence(program, X, widths, seeds, reference=None, parametrization=None,
 
 
 def plot_convergence(record, path, title: str | None = None):
-    """Draw the NTK4A-style log-log figure (TP2 Fig. 1, theory §6.4) and save it to ``path``.
+    """Draw the NTK4A-style log-log figure (TP2 Fig. 1) and save it to ``path``.
 
     ``record``: one :class:`ConvergenceRecord` or a list of them (one line each, mean with a shaded
     95% interval), plus a dashed width^{-1/2} reference line through the first record's first mean.

@@ -1,15 +1,16 @@
 """``derive(program)``: the NNGP and NTK of a tensor program as a system of equations.
 
-Pipeline (theory §2-3):
+Pipeline (TP2 Box 1, Eqs. 10-12; TP3 Box 1):
 
 1. **Unroll with tags.**  Every ``Repeat`` is unrolled for a few iterations; each node instance
    remembers (repeat, template node, iteration).
 2. **Z calculus** (:mod:`symntk.zcalculus`): forward and backward kernels are derived on demand,
    each symbol with its defining equation.
-3. **NTK assembly**, TP2 Eq. (12) (theory §3.1): for each weight W used as y_k = W z_k,
+3. **NTK assembly**, TP2 Eqs. (10)-(12): for each weight W used as y_k = W z_k,
    ``factor_W * sum_{k,k'} D[y_k, y'_k'] C[z_k, z'_k']``; for each bias, ``factor_b * D[b, b']``; the
    readout's ``factor_v * C[x, x']`` and its bias.  The factor is the parametrization's
-   (theory §1.5): ``sigma^2`` (ntk, Jacot/NT), ``1`` (tp), ``fan_in`` (standard).
+   (TP2 §4; Jacot et al. 2018 / Neural Tangents ``Dense``): ``sigma^2`` (ntk, Jacot/NT), ``1``
+   (tp), ``fan_in`` (standard).
 4. **Fold.**  Equations of consecutive iterations that agree up to a shift of the iteration index
    become one recursion in ``l``; boundary iterations that differ are kept as they are.  When the
    iterations do not agree (weight tying needs cross-layer kernels), the derivation stays unrolled
@@ -83,7 +84,7 @@ class Derivation:
 
     def reduced(self) -> "Derivation":
         """The same equations with the closed-form table applied to every Gaussian expectation
-        that has a closed form (theory §5); the rest stay explicit nodes for quadrature."""
+        that has a closed form (TP2 Facts E.2, E.3); the rest stay explicit nodes for quadrature."""
         if self.closed_forms:
             return self
         if self._reduced is None:
@@ -238,11 +239,12 @@ def _tag(template, inst, rep: Repeat, key: Repeat, k: int, tags: dict):
 
 # ----------------------------------------------------------------------------------- derive
 def derive(program: Program, mode: str = "gia", fold: bool = True) -> Derivation:
-    """Derive the NNGP and NTK recursions of ``program`` (theory §2-3, TP2 Eq. 12).
+    """Derive the NNGP and NTK recursions of ``program`` (TP2 Box 1, Eq. 12).
 
-    ``mode="gia"``: backprop matrices W^T are independent of W (theory §3.3); correct whenever the
-    Simple GIA Check holds (theory §4).  ``mode="exact"``: the full NETSOR-T Master Theorem, every
-    MatMul output Zhat + Zdot (TP3 Box 1, theory §3.4); identical to GIA on BP-like programs.
+    ``mode="gia"``: backprop matrices W^T are independent of W (TP2 Heuristic 4.1); correct
+    whenever the Simple GIA Check holds (TP2 §5, Condition 1).  ``mode="exact"``: the full NETSOR-T
+    Master Theorem, every MatMul output Zhat + Zdot (TP3 Box 1, Thm 2.10); identical to GIA on
+    BP-like programs (TP2 Def. A.3, Thm 7.2).
     ``fold=False`` keeps every iteration of every Repeat.
     """
     if mode not in ("gia", "exact"):

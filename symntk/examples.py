@@ -1,7 +1,8 @@
 """Programs from the papers where the gradient independence assumption is (or is not) exact.
 
 Each function returns an ordinary :class:`~symntk.program.Program`; the derivation scripts, the
-tests and ``symntk compare`` share these definitions (theory §3.4, §4).
+tests and ``symntk compare`` share these definitions (exact calculus: TP3 Box 1; the Simple GIA
+Check: TP2 §5 Condition 1, TP3 App. C).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ _a = sp.Symbol("a", real=True)
 
 
 def tp2_section_6_3() -> Program:
-    """TP2 §6.3 / TP3 App. C (theory §4.1): x^1 = W^1 xi + 1 (at xi = 0, x^1 = 1), h^2 = W^2 x^1,
+    """TP2 §6.3 / TP3 App. C: x^1 = W^1 xi + 1 (at xi = 0, x^1 = 1), h^2 = W^2 x^1,
     x^2 = (h^2)^2, y = 1^T x^2 / n.  The gradient dx^1 = 2 W^2T W^2 1 has mean 2 and second moment
     8; GIA says 0 and 4.  (Our FixedReadout scales by 1/sqrt(n): same cotangent dx^2 = 1.)"""
     xi = Input("xi", 1)
@@ -26,7 +27,8 @@ def tp2_section_6_3() -> Program:
 
 
 def square_readout(d: int = 1) -> Program:
-    """Theory §4.2, the O(1) NTK counterexample: x^1 = U xi, h = W x^1, f = sum_a h_a^2 / (2 sqrt n).
+    """A minimal O(1) NTK counterexample to the Simple GIA Check (TP2 Condition 1; the fixed
+    all-ones readout has nonzero mean): x^1 = U xi, h = W x^1, f = sum_a h_a^2 / (2 sqrt n).
     Exact Theta = 3 c^2, GIA 2 c^2, c = xi.xi'/d."""
     xi = Input("xi", d)
     x1 = (Weight("U", fan_in=d) @ xi).named("x1")
@@ -35,7 +37,7 @@ def square_readout(d: int = 1) -> Program:
 
 
 def trained_readout_square(d: int = 1) -> Program:
-    """Theory §8 G6(c): the same network with a trained zero-mean readout f = v^T h^2/(2 sqrt n):
+    """The ``square_readout`` network with a trained zero-mean readout f = v^T h^2/(2 sqrt n):
     the Simple GIA Check holds and exact = GIA."""
     xi = Input("xi", d)
     x1 = (Weight("U", fan_in=d) @ xi).named("x1")
@@ -45,7 +47,7 @@ def trained_readout_square(d: int = 1) -> Program:
 
 
 def ata_v() -> Program:
-    """TP3 Examples 2.5, 2.8 (theory §8 G5): y = A v, x = A^T y with v ~ N(0, 1):
+    """TP3 Examples 2.5, 2.8: y = A v, x = A^T y with v ~ N(0, 1):
     E Z^v Z^x = 1 and E (Z^x)^2 = 2 (GIA: 0 and 1)."""
     v = Bias("v")
     A = Weight("A")

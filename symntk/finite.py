@@ -1,18 +1,18 @@
 """Finite-width ground truth: sample a program at width n, run it, backpropagate, form the empirical NTK.
 
-This module is the *independent referee* of the derivation engine (design §4-5): it reads the
+This module is the *independent referee* of the derivation engine: it reads the
 program, never the derivation, and evaluates it with real Gaussian matrices.
 
-* :func:`sample` draws every parameter with the program's forward law (theory §1.4): a weight
+* :func:`sample` draws every parameter with the program's forward law (TP2 Setup A.5): a weight
   ``W : A(fan_out, fan_in)`` has iid N(0, variance / fan_in) entries, a bias and the readout vector v
   have iid N(0, variance) entries (the readout "matrix" V = v^T / sqrt(n) therefore has entries
   N(0, variance / n) and is stored like any weight).
 * Reverse mode runs over the unrolled program, batched over the N inputs (every vector is an
   (N, dim) array).  It is *exact*: the same matrix W is used in the forward pass and, as W^T, in
   backprop; a weight used several times (tying, W and W^T in the forward pass) accumulates.  No
-  gradient-independence assumption (GIA, theory §3.3) is made anywhere.
+  gradient-independence assumption (GIA, TP2 Heuristic 4.1) is made anywhere.
 * :func:`empirical_ntk` forms Theta(xi, xi') = sum_params <d f(xi)/d theta, d f(xi')/d theta> in the
-  structured form of TP2 Eq. (10)-(12) (theory §3.1) without per-example Jacobians, or, with
+  structured form of TP2 Eqs. (10)-(12) without per-example Jacobians, or, with
   ``method="jacobian"``, by materialising the per-example Jacobian (the test oracle).
 * :func:`monte_carlo` averages the empirical NTK and NNGP over seeds.
 * Sequences (inputs with positions, data (N, T, d); T may differ between X1 and X2): positioned
@@ -21,9 +21,10 @@ program, never the derivation, and evaluates it with real Gaussian matrices.
   A weight shared over t keeps one factored use with a position axis, dF/dW = sum_t A^t B^t^T,
   and the NTK contracts sum_{t,r} (A^t . A'^r)(B^t . B'^r) (TP2 §6.2.1, App. E.2).
 
-Parametrization (theory §1.5) changes only which variable is trained.  Writing the forward-law
-parameter as W = s * omega with omega trained, d f / d omega = s * d f / d W, so every NTK term is
-``s^2 * <dF/dW, dF'/dW>`` with the raw gradient dF/dW.  The factor s^2 is (:func:`ntk_factor`):
+Parametrization (TP2 §4; Jacot et al. 2018) changes only which variable is trained.  Writing the
+forward-law parameter as W = s * omega with omega trained, d f / d omega = s * d f / d W, so every
+NTK term is ``s^2 * <dF/dW, dF'/dW>`` with the raw gradient dF/dW.  The factor s^2 is
+(:func:`ntk_factor`):
 
 ===================  ============================  ===================
 parametrization      weight / readout (fan_in m)   bias / output bias
@@ -237,7 +238,7 @@ def _fwd_nonlin(net, node: Nonlin, env, n):
 def _fwd_moment(net, node: Moment, env, n):
     # theta = (1/n) sum_alpha psi(h_alpha), one scalar per example (and per position), kept as an
     # (N, 1) or (N, T, 1) column so it broadcasts into the Nonlins that take it as a parameter
-    # (NETSOR+, theory §1.3).
+    # (NETSOR-T+ Nonlin+, TP2 App. B).
     f, _ = net._moment(node)
     d = next(net.dim(a) for a in node.inputs)
     args, lead = _lifted([env[a] for a in node.inputs])
@@ -541,7 +542,7 @@ class _Pass:
 
 # ----------------------------------------------------------------------------- the network
 class FiniteNetwork:
-    """A program with every width bound to an integer and every parameter drawn (theory §1.4).
+    """A program with every width bound to an integer and every parameter drawn (TP2 Setup A.5).
 
     ``net(X)`` evaluates the network; ``net.gradients(X)`` gives per-example raw gradients;
     ``net.ntk(X1, X2)`` the empirical NTK.  Parameters are exposed by label (``"W[2]"``, ``"b1"``,
@@ -580,7 +581,7 @@ class FiniteNetwork:
 
     @property
     def readout_is_zero_mean(self) -> bool:
-        """True for a trained Readout (zero-mean v): then E f f'^T is the NNGP (theory §2.3)."""
+        """True for a trained Readout (zero-mean v): then E f f'^T is the NNGP (TP1 Cor. 5.5)."""
         out = self.program.output
         return isinstance(out, Readout)
 
@@ -706,7 +707,7 @@ class FiniteNetwork:
     forward = __call__
 
     def _backward(self, X) -> _Pass:
-        """Forward pass, then one reverse sweep in reverse topological order (theory §3.2)."""
+        """Forward pass, then one reverse sweep in reverse topological order (TP2 Programs 1-2)."""
         f, env, n = self._forward(X)
         tape = _Tape(self._params)
         out = self.program.output
@@ -800,7 +801,7 @@ class FiniteNetwork:
 def _weight_gram(uses1, uses2, symmetric: bool) -> np.ndarray:
     """sum_{k,k'} <A_k B_k^T, A'_k' B'_k'^T>_F per example pair = sum (A_k A'_k'^T) * (B_k B'_k'^T).
 
-    (TP2 Eq. 10, theory §3.1.)  For a use y = W z the factors are (A, B) = (dy, z), giving
+    (TP2 Eqs. 10-11.)  For a use y = W z the factors are (A, B) = (dy, z), giving
     (G G'^T) * (Z Z'^T); for y = W^T z they are (z, dy), so a W / W^T pair gives
     (G_k Z'_k'^T) * (Z_k G'_k'^T): <g z^T, z' g'^T>_F = sum_ij g_i z_j z'_i g'_j = (g.z')(z.g').
     With ``symmetric`` (X2 is X1) the (k', k) term is the transpose of the (k, k') term.
@@ -889,7 +890,7 @@ def _scan_structure(program: Program) -> dict:
 # ----------------------------------------------------------------------------- public verbs
 def sample(program: Program, width, seed=0, parametrization=None, input_dim=None,
            values=None) -> FiniteNetwork:
-    """Draw a finite network from ``program`` (theory §1.4).
+    """Draw a finite network from ``program`` (TP2 Setup A.5).
 
     ``width``: an int bound to every width symbol, or a dict symbol-or-name -> int (it may also bind
     input dimensions).  ``input_dim``: int or dict input-name -> int, for inputs of symbolic
@@ -936,7 +937,7 @@ def _infer_input_dim(program: Program, X):
 
 @dataclass(frozen=True)
 class EmpiricalNTK:
-    """The empirical NTK of one finite network (theory §3.1, §6.4).
+    """The empirical NTK of one finite network (TP2 Eq. 10; TP2 Fig. 1).
 
     ``ntk[i, j] = sum_params contributions[label][i, j]``; ``outputs1``/``outputs2`` are f(X1), f(X2).
     """
@@ -956,7 +957,7 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
 
     ``program`` is a Program (sampled here with ``width``/``seed``) or a :class:`FiniteNetwork`.
 
-    ``method="structured"`` contracts without per-example Jacobians (TP2 Eq. 10, theory §3.1):
+    ``method="structured"`` contracts without per-example Jacobians (TP2 Eqs. 10-11):
     for a weight with uses y_k = W z_k, ``factor * sum_{k,k'} (G_k G'_k'^T) * (Z_k Z'_k'^T)``
     (``*`` elementwise, G_k = dF/dy_k, rows = examples); a use y = W^T z swaps the roles of G and
     Z; an embedding U xi has Z = xi; a bias gives ``factor * G_b G_b'^T`` with G_b the sum of its
@@ -979,7 +980,7 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
 
 @dataclass(frozen=True)
 class MonteCarloKernel:
-    """Mean and standard error over seeds of the empirical NTK and NNGP (theory §6.4).
+    """Mean and standard error over seeds of the empirical NTK and NNGP (as in TP2 Fig. 1).
 
     ``nngp_mean`` estimates E f(X1) f(X2)^T, which is the NNGP only for a zero-mean (trained)
     readout (``readout_zero_mean``); with a FixedReadout the outputs have a nonzero mean.

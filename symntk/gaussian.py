@@ -1,12 +1,12 @@
 r"""Gaussian expectations as explicit nodes, reduced by a table of closed forms.
 
-Every kernel entry of the Master Theorem (theory.md §2.1) is an expectation
+Every kernel entry of the Master Theorem (TP1 Thm 5.4, TP2 Box 1) is an expectation
 :math:`\mathbb E\,f(u)` over a zero-mean Gaussian vector :math:`u\sim\mathcal N(0,\Sigma)`
 whose covariance entries are kernel symbols.  :func:`expect` rewrites such an
 expectation into closed form wherever a rule applies and leaves the rest as
 :class:`GaussianExpectation` nodes, which print to LaTeX and evaluate numerically
 (:func:`numeric_expectation`).  ``sympy.integrate`` is never called: it is slow on
-ReLU and gives up on products of sines (style.md, point 4).
+ReLU and gives up on products of sines, so it has no place on the hot path.
 
 Reduction pipeline (:func:`expect`):
 
@@ -25,7 +25,7 @@ Reduction pipeline (:func:`expect`):
    * products of ``sin``/``cos`` of affine forms via the characteristic function;
    * polynomial x heads by Gaussian integration by parts (Stein, TP2 Lemma F.4);
    * one or two linear forms under ReLU / step / erf: :data:`MEAN_RULES` and
-     :data:`PAIR_RULES` (theory.md §5, TP2 Facts E.2, E.3; Cho & Saul 2009;
+     :data:`PAIR_RULES` (TP2 App. E, Facts E.2, E.3; Cho & Saul 2009;
      Williams 1997).
 
 4. Anything else stays a :class:`GaussianExpectation` over the variables it uses.
@@ -205,7 +205,7 @@ def _pair_stats(a: Vec, b: Vec, cov: ImmutableMatrix) -> tuple[Expr, Expr, Expr,
 
 
 # ======================================================================================
-# Closed-form tables (theory.md §5).  One entry per head or (head, head) pair.
+# Closed-form tables (TP2 App. E, Facts E.2-E.4).  One entry per head or (head, head) pair.
 # ======================================================================================
 def _mean_relu(v: Expr) -> Expr:
     r"""E relu(g) = sqrt(Var g / (2 pi)), g ~ N(0, Var) (half-normal mean)."""
@@ -231,8 +231,7 @@ MEAN_RULES: Mapping[str, Callable[[Expr], Expr]] = MappingProxyType(
 def _relu_relu(s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
     r"""E relu(g1) relu(g2) = sqrt(S11 S22)/(2 pi) * (sqrt(1-c^2) + (pi - acos c) c).
 
-    Arc-cosine kernel of order 1 halved: TP2 Fact E.2, Cho & Saul (2009) J_1;
-    theory.md §5 and §8 G4.
+    Arc-cosine kernel of order 1 halved: TP2 Fact E.2, Cho & Saul (2009) J_1.
     """
     return sqrt(s11) * sqrt(s22) / (2 * pi) * (sqrt(1 - c**2) + (pi - sympy.acos(c)) * c)
 
@@ -247,7 +246,7 @@ def _relu_step(s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
 
     Stein's lemma on relu(g1) = g1 step(g1):
     S11 E[delta(g1) step(g2)] + S12 E[step(g1) delta(g2)] = sqrt(S11)/(2 sqrt(2 pi)) +
-    S12/(2 sqrt(2 pi S22)).  theory.md §5 "Mixed expectation", §8 G4.
+    S12/(2 sqrt(2 pi S22)).  Gaussian integration by parts (TP2 Lemma F.4).
     """
     return sqrt(s11) * (1 + c) / (2 * sqrt(2 * pi))
 
@@ -255,7 +254,7 @@ def _relu_step(s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
 def _erf_erf(s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
     r"""E erf(g1) erf(g2) = (2/pi) asin(2 S12 / sqrt((1 + 2 S11)(1 + 2 S22))).
 
-    TP2 Fact E.3 (Williams 1997), theory.md §5.
+    TP2 Fact E.3 (Williams 1997).
     """
     return 2 / pi * sympy.asin(2 * s12 / (sqrt(1 + 2 * s11) * sqrt(1 + 2 * s22)))
 
@@ -488,7 +487,7 @@ def _rule_gaussian_factor(term: Expr, variables: tuple, cov: ImmutableMatrix) ->
 
         E[e^Q g(u)] = e^{q0 + b^T cov' b / 2} det(M)^{-1/2} E_{u ~ N(0, cov')}[g(u + cov' b)].
 
-    This is the Gaussian integral of theory.md §5: it yields
+    This is the Gaussian integral behind TP2 Fact E.3: it yields
     ``E erf'(u) erf'(v) = (4/pi) ((1+2S11)(1+2S22) - 4S12^2)^{-1/2}`` (TP2 Fact E.3) and
     ``E e^{u} e^{v} = exp((S11 + 2 S12 + S22)/2)`` (TP2 Fact E.4).  ``cov`` may be
     singular: only ``M`` is inverted.
@@ -608,7 +607,7 @@ def _is_head_of_affine(f: Expr, variables: tuple) -> bool:
 def _rule_stein(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | None:
     r"""Gaussian integration by parts: E[u_j F(u)] = sum_l cov[j, l] E[d_l F(u)].
 
-    TP2 Lemma F.4 / theory.md §5 "Mixed expectation".  Applied to a polynomial factor
+    TP2 Lemma F.4 (Stein's lemma).  Applied to a polynomial factor
     times heads of affine forms; every step lowers the polynomial degree by one, so the
     recursion terminates (derivatives of such heads carry no polynomial factor except
     erf' = 2 e^{-L^2}/sqrt(pi), which the Gaussian-factor rule absorbs first).  This is
@@ -839,7 +838,7 @@ def _in_x(spec: Any) -> Expr:
 def vtransform(phi: Any, psi: Any, S11: Any, S12: Any, S22: Any) -> Expr:
     r"""E[phi(u) psi(v)], (u, v) ~ N(0, [[S11, S12], [S12, S22]]).
 
-    The V-transform entry of TP2 Def. E.1 (theory.md §5).  ``phi``/``psi`` are anything
+    The V-transform entry of TP2 Def. E.1.  ``phi``/``psi`` are anything
     :func:`symntk.activations.activation` accepts, expressions in
     :data:`symntk.activations.X` (possibly with parameters), or constants (a derivative
     such as ``identity' = 1``).

@@ -1,7 +1,7 @@
 """LaTeX and plain-text printing of a :class:`~symntk.derivation.Derivation`.
 
 The printer reads only the derivation's data (equations, loops, symbol meanings), never the
-engine.  Kernel symbols are shown in the papers' notation (theory §2-3):
+engine.  Kernel symbols are shown in the papers' notation (TP2 §4 and §6.1, Eqs. 6-12):
 
 * ``sigma`` (default): Sigma for covariances of Gaussian vectors (preactivations), C for other
   second moments, mu for means, D for gradient (cotangent) kernels, K for the NNGP, Theta the NTK;

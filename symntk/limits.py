@@ -1,4 +1,4 @@
-"""Limits of individual program quantities: E[psi(Z^x, Z^{dx}, ...)] (theory §2.1, TP3 Thm 2.10).
+"""Limits of individual program quantities: E[psi(Z^x, Z^{dx}, ...)] (TP2 Box 1, TP3 Thm 2.10).
 
     symntk.expectation(program, lambda Z, dZ: Z(x) ** 2, mode="exact")
 

@@ -1,19 +1,19 @@
-"""The tensor-program IR (NETSOR-T, theory §1).
+"""The tensor-program IR (NETSOR-T, TP2 Def. 7.1; TP3 Def. 2.1).
 
 A program is a graph of immutable SymPy ``Basic`` nodes.  Equality is structural, so a weight used
 twice *is* one node, and questions of weight sharing and transposes are questions about the graph.
 
-Node kinds (theory §1.1-1.3):
+Node kinds (NETSOR, TP1 Def. 4.1; NETSOR-T, TP2 Def. 7.1; NETSOR-T+, TP2 App. B):
 
 =================  =====================================================================
 ``Input``          the network input xi in R^d (finite d); never a width-space vector
 ``Weight``         an input A-var W : A(fan_out, fan_in), entries N(0, variance / fan_in)
 ``Transpose``      W.T, for NETSOR-T programs (backprop, tied autoencoders)
-``Embedding``      U @ xi, an input G-var (theory §1.1: the input enters only this way)
+``Embedding``      U @ xi, an input G-var (TP1 §4: the input enters only this way)
 ``Bias``           an input G-var b ~ N(0, variance), the same vector for every input
 ``MatMul``         W @ h or W.T @ h  (a G-var)
 ``Nonlin``         phi(h1, ..., hk) coordinatewise, phi a SymPy ``Lambda`` (an H-var)
-``Moment``         the scalar (1/n) sum_alpha psi(h1_alpha, ...)  (NETSOR+, theory §1.3)
+``Moment``         the scalar (1/n) sum_alpha psi(h1_alpha, ...)  (NETSOR-T+, TP2 App. B)
 ``Repeat``         a block written once, iterated for l = start..stop (depth or time)
 ``Readout``        f = v^T h / sqrt(n) (+ b_out): trained, zero-mean readout
 ``FixedReadout``   f = sum_alpha h_alpha / sqrt(n): a fixed all-ones readout (nonzero mean)
@@ -21,13 +21,15 @@ Node kinds (theory §1.1-1.3):
 
 Every weight and bias carries its variance (a SymPy expression, so formulas keep ``sigma_w^2``
 symbolic until numbers are bound; a numeric NaN, infinite, complex or negative variance is refused
-when the node is built), its fan-in, and its parametrization (theory §1.5):
+when the node is built), its fan-in, and its parametrization (TP2 §4; TP2b Setup 5.2; Jacot et
+al. 2018):
 
 * ``"ntk"``  Jacot / Neural Tangents: W = sigma/sqrt(fan_in) * omega, omega ~ N(0, 1) trained,
 * ``"tp"``   Tensor Programs / NTK4A: omega ~ N(0, sigma^2) trained, W = omega / sqrt(fan_in),
 * ``"standard"``: W ~ N(0, sigma^2 / fan_in) trained directly.
 
-The forward law is the same in all three; they differ only in the NTK (theory §1.5).
+The forward law is the same in all three; they differ only in the NTK (TP2 §4; Neural Tangents
+``Dense``).
 """
 from __future__ import annotations
 
@@ -213,7 +215,7 @@ class Transpose(Node):
 
     @property
     def variance(self):
-        """sigma^2_{W^T} = (n'/n) sigma_W^2 for W : A(n', n) (theory §1.4, variable dimensions)."""
+        """sigma^2_{W^T} = (n'/n) sigma_W^2 for W : A(n', n) (TP2 App. C, variable dimensions)."""
         w = self.weight
         return sp.simplify(w.variance * w.fan_out / w.fan_in)
 
@@ -297,7 +299,8 @@ def _expr_any(value) -> sp.Expr:
 
 
 class Embedding(Vector):
-    """U @ xi, an input G-var with Cov(Z^{U xi}, Z^{U xi'}) = sigma_U^2 xi.xi'/d (theory §2.2)."""
+    """U @ xi, an input G-var with Cov(Z^{U xi}, Z^{U xi'}) = sigma_U^2 xi.xi'/d (Sigma^in of
+    TP2 Eq. 18)."""
 
     def __new__(cls, weight: Weight, inp: Input, name: str = ""):
         if not isinstance(weight, Weight):
@@ -342,7 +345,7 @@ class Bias(Vector):
 
 
 class MatMul(Vector):
-    """W @ h or W.T @ h: a G-var (theory §1.1, MatMul)."""
+    """W @ h or W.T @ h: a G-var (TP1 Def. 4.1, MatMul)."""
 
     def __new__(cls, matrix, vec, name: str = ""):
         if not isinstance(matrix, (Weight, Transpose)):
@@ -391,8 +394,8 @@ class MatMul(Vector):
 
 
 class Nonlin(Vector):
-    """phi(h1, ..., hk; theta) applied coordinatewise (theory §1.1, Nonlin; sums and gates
-    included).  Arguments are vectors, or ``Moment`` scalars theta (NETSOR+ Nonlin+, theory §1.3:
+    """phi(h1, ..., hk; theta) applied coordinatewise (TP1 Def. 4.1, Nonlin; sums and gates
+    included).  Arguments are vectors, or ``Moment`` scalars theta (NETSOR-T+ Nonlin+, TP2 App. B:
     e.g. LayerNorm's x / sqrt(mean(x^2)))."""
 
     def __new__(cls, phi, args, name: str = ""):
@@ -432,7 +435,8 @@ class Nonlin(Vector):
 
 
 class Moment(Node):
-    """theta = (1/n) sum_alpha psi(h1_alpha, ..., hk_alpha) -> E psi(Z^h1, ...) (NETSOR+, theory §1.3)."""
+    """theta = (1/n) sum_alpha psi(h1_alpha, ..., hk_alpha) -> E psi(Z^h1, ...) (NETSOR-T+,
+    TP2 Box 2)."""
 
     def __new__(cls, psi, args, name: str = ""):
         args = tuple(args)

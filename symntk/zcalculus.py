@@ -1,4 +1,5 @@
-"""The Z calculus: limits of a tensor program as expectations over Gaussians (theory §2-3).
+"""The Z calculus: limits of a tensor program as expectations over Gaussians (TP1 Thm 5.4,
+TP2 Box 1, TP3 Box 1 / Thm 2.10).
 
 Every vector x of a (loop-free) program and every input copy i (xi or xi') has a random variable
 Z^x_i that its coordinates look like at infinite width (TP1 Thm 5.4, TP2 Box 1).  This module turns
@@ -9,8 +10,8 @@ Atoms
 -----
 * ``base``: a Gaussian of the program's Setup or a MatMul output: ``Embedding`` (U xi), ``Bias``,
   the readout weight v, ``MatMul`` (W h) and, in the backward pass, W^T dh.  Base Gaussians of one
-  *block* are jointly Gaussian; different blocks are independent (theory §2.1, rule 2).  A block is
-  a matrix; under GIA a matrix and its transpose are different blocks (theory §3.3).
+  *block* are jointly Gaussian; different blocks are independent (TP2 Box 1, rule 2).  A block is
+  a matrix; under GIA a matrix and its transpose are different blocks (TP2 Heuristic 4.1).
 * ``lincomb``: a ``Nonlin`` that is a linear combination of Gaussians (e.g. h = W x + b) is itself
   Gaussian (TP1's LinComb); its second moment gets a symbol of its own (the preactivation kernel
   Sigma).
@@ -290,7 +291,8 @@ class Engine:
         return grad
 
     def moment(self, node: Moment, copy: int) -> sp.Expr:
-        """theta = E psi(Z^{h1}, ...), a deterministic scalar per input (TP2 Box 2, theory §1.3)."""
+        """theta = E psi(Z^{h1}, ...), a deterministic scalar per input (TP2 Box 2; the
+        NETSOR-T+ Moment, TP2 App. B)."""
         if node.positions is not None:
             raise NotImplementedError(f"Moment {node.label()!r} of positioned vectors (one scalar per "
                                       "position) is not derived yet")
@@ -881,7 +883,8 @@ def _dz_moment(eng: Engine, c: Moment, node: Node, copy: int, pos) -> sp.Expr:
 
 
 def _dz_pool(eng: Engine, c: Pool, node: Node, copy: int, pos) -> sp.Expr:
-    """p = (1/T) sum_t x^t: dx^t = dp / T; p = x^T: dx^t = [t = T] dp (TP2 §3.2, avg-pool)."""
+    """p = (1/T) sum_t x^t: dx^t = dp / T; p = x^T: dx^t = [t = T] dp (AvgPool / LastState
+    readouts, TP2 App. E.2)."""
     L = eng.length(copy)
     weight = 1 / L if c.how == "mean" else sp.KroneckerDelta(pos, L)
     return weight * eng.dz(c, copy)

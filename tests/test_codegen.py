@@ -3,8 +3,8 @@
 Oracles, each independent of the code under test:
 * the derivation's own equations substituted with SymPy at 30 digits, expectations without a
   closed form by mpmath quadrature (``symntk.gaussian.numeric_expectation``): :func:`oracle`;
-* the textbook Jacot / Neural Tangents MLP recursion (theory §2.5) in mpmath;
-* the golden values of theory §8 (G1, G2);
+* the textbook Jacot / Neural Tangents MLP recursion (TP2 Eqs. 6, 8, 9) in mpmath;
+* closed forms: TP2 App. E.1 and the He-initialised ReLU MLP;
 * structural identities: symmetry, PSD, the diagonal system.
 
 Every compiled kernel is built once per session (Numba's first call compiles) into a fresh
@@ -169,7 +169,8 @@ def test_registry_matches_high_precision(name, build):
 
 def test_kinked_user_activation_polar_rule_is_exact():
     """relu + tanh has no closed form: the 2-D quadrature must split at the kink u = 0.  The polar
-    rule does (1e-12); tensor Gauss-Hermite converges like 1/n there (NT's warning, theory §5)."""
+    rule does (1e-12); tensor Gauss-Hermite converges like 1/n there (Neural Tangents' warning
+    for non-smooth phi)."""
     act = "relu(x) + tanh(x)"
     d, k = _build(act, 2, 1.1, 0.1, "ntk")
     _, kh = _build(act, 2, 1.1, 0.1, "ntk", "hermite")
@@ -225,12 +226,12 @@ def test_other_architectures(kernel_cache):
     np.testing.assert_allclose(r.nngp, ref.nngp, rtol=1e-13)
 
 
-# ======================================================================= golden values (§8)
+# ======================================================================= closed-form values
 @pytest.mark.parametrize("L,expected", [(1, [6.666667, 0.0621634, 4.666667]),
                                         (2, [10.0, 1.1560405, 7.0]),
                                         (3, [13.33333, 2.2517982, 9.33333])])
-def test_g2_he_relu_no_bias(L, expected, build):
-    """theory §8 G2: ReLU, no biases, sigma_w^2 = 2 everywhere (Jacot / NT convention)."""
+def test_he_relu_no_bias(L, expected, build):
+    """He-initialised ReLU MLP: no biases, sigma_w^2 = 2 everywhere (Jacot / NT convention)."""
     _, k = build("relu", L, sp.sqrt(2), None, "ntk")
     K = k(X_PAIR).ntk
     assert [K[0, 0], K[0, 1], K[1, 1]] == pytest.approx(expected, rel=2e-6)
@@ -241,8 +242,8 @@ def test_g2_he_relu_no_bias(L, expected, build):
         assert ktp(X_PAIR).ntk[1, 1] == pytest.approx((L + 1) * q[1, 1], rel=1e-14)
 
 
-def test_g1_tp2_appendix_e1(kernel_cache):
-    """theory §8 G1: Theta(x, x) = 3/4 |x|^2/m + 7/4 (no readout bias)."""
+def test_tp2_appendix_e1(kernel_cache):
+    """TP2 App. E.1 closed form: Theta(x, x) = 3/4 |x|^2/m + 7/4 (no readout bias)."""
     k = derive(mlp(2, "relu", weight_std=1, bias_std=1, readout_bias=False, input_dim=3)).compile()
     X = np.vstack([[1.0, 2.0, 0.0], np.random.default_rng(0).normal(size=(4, 3))])
     q = np.einsum("ij,ij->i", X, X) / 3
@@ -251,7 +252,7 @@ def test_g1_tp2_appendix_e1(kernel_cache):
 
 
 def _jacot(depth, V, Vdot, sw2, sb2, q1, q2, c):
-    """theory §2.5 (Jacot / Neural Tangents): Sigma^1 = sw2 x.x'/d + sb2,
+    """Jacot et al. 2018 / Neural Tangents (TP2 Eqs. 6, 8, 9): Sigma^1 = sw2 x.x'/d + sb2,
     Sigma^{l+1} = sw2 V(Sigma^l) + sb2, Theta^{l+1} = Sigma^{l+1} + sw2 Theta^l dSigma^l,
     readout Dense(1) with bias.  Written here independently, in mpmath."""
     S = [sw2 * q1 + sb2, sw2 * c + sb2, sw2 * q2 + sb2]
@@ -360,7 +361,7 @@ def test_peak_memory_near_the_two_outputs(build):
 
 
 def test_loops_stay_loops():
-    """The generated text does not grow with depth (style.md §5)."""
+    """The generated text does not grow with depth: a repeated block stays a loop."""
     sizes = [len(codegen.generate(derive(mlp(L, "relu", bias_std=0.1))).source)
              for L in (6, 20, 60)]
     assert max(sizes) - min(sizes) < 200
@@ -407,7 +408,7 @@ def test_correlation_one_is_clipped(build):
     exact = k(X, diagonal=True).ntk
     np.testing.assert_allclose(cross.diagonal(), exact, rtol=1e-3)
     np.testing.assert_array_equal(k(X).ntk.diagonal(), exact)
-    # depth 1 in closed form (theory §2.5 with V(q, q, q) = q/2, dSigma = 1/2):
+    # depth 1 in closed form (TP2 Eqs. 6, 8, 9 with V(q, q, q) = q/2, dSigma = 1/2):
     # Theta(x, x) = sw2 (sw2 q + sb2) + sb2
     _, k1 = build("relu", 1, 1.4, 0.1, "ntk")
     q = np.einsum("ij,ij->i", X, X) / 3
@@ -571,7 +572,8 @@ def test_cli_cache_info_and_clear(tmp_path, monkeypatch, capsys):
 
 # ========================================================================= printer and rules
 def test_printer_golden_strings():
-    """style.md §6 guards, as the exact text the kernels contain."""
+    """The printer's numerical guards (clipping, default branches), as the exact text the
+    kernels contain."""
     x, y = sp.symbols("x y", real=True)
     p = NumbaPrinter()
     assert p.doprint(sp.acos(x)) == "_acos(x)"               # clipped, vectorisable helper

@@ -1,4 +1,5 @@
-"""The GIA derivation against closed forms from the literature (theory §8) and symbolic identities."""
+"""The GIA derivation against closed forms from the literature (TP2 App. E.1; He-initialised
+ReLU MLP) and symbolic identities."""
 import numpy as np
 import pytest
 import sympy as sp
@@ -15,8 +16,8 @@ def entries(K):
     return [K[0, 0], K[0, 1], K[1, 1]]
 
 
-# ---------------------------------------------------------------- theory §8 G1 (TP2 App. E.1)
-def test_g1_tp2_appendix_e1_closed_form():
+# ---------------------------------------------------------------- TP2 App. E.1 closed form
+def test_tp2_appendix_e1_closed_form():
     """ReLU, 2 hidden layers with biases, no readout bias, unit variances:
     Theta(x, x) = 3/4 |x|^2/m + 7/4, with the intermediate limits of TP2 App. E.1."""
     d = derive(mlp(2, "relu", weight_std=1, bias_std=1, readout_bias=False, input_dim=3))
@@ -27,17 +28,17 @@ def test_g1_tp2_appendix_e1_closed_form():
         assert d.gram(x).ntk[0, 0] == pytest.approx(0.75 * q + 1.75, rel=1e-12)
 
 
-# ---------------------------------------------------------------- theory §8 G2
+# ---------------------------------------------------------------- He-initialised ReLU MLP
 @pytest.mark.parametrize("L,expected", [(1, [6.666667, 0.0621634, 4.666667]),
                                         (2, [10.0, 1.1560405, 7.0]),
                                         (3, [13.33333, 2.2517982, 9.33333])])
-def test_g2_he_relu_no_bias_jacot(L, expected):
+def test_he_relu_no_bias_jacot(L, expected):
     d = derive(mlp(L, "relu", weight_std=sp.sqrt(2), bias_std=None, input_dim=3))
     assert entries(d.gram(X_PAIR).ntk) == pytest.approx(expected, rel=2e-6)
 
 
 @pytest.mark.parametrize("L", [1, 2, 3, 6])
-def test_g2_diagonal_both_conventions(L):
+def test_he_relu_diagonal_both_conventions(L):
     x = X_PAIR[:1]
     q = x[0] @ x[0] / 3
     jacot = derive(mlp(L, "relu", weight_std=sp.sqrt(2), input_dim=3)).gram(x).ntk[0, 0]
@@ -46,16 +47,16 @@ def test_g2_diagonal_both_conventions(L):
     assert tp == pytest.approx((L + 1) * q, rel=1e-12)
 
 
-# ---------------------------------------------------------------- theory §8 G11
+# ---------------------------------------------------------------- structural identities
 @pytest.mark.parametrize("L", [1, 2, 4, 9])
-def test_g11_linear_network(L):
+def test_linear_network(L):
     """phi = id, no bias, TP convention, unit variances: Theta = (L+1) xi.xi'/d."""
     d = derive(mlp(L, "identity", parametrization="tp", input_dim=3))
     assert d.gram(X_PAIR).ntk == pytest.approx((L + 1) * X_PAIR @ X_PAIR.T / 3, rel=1e-12)
     assert d.gram(X_PAIR).nngp == pytest.approx(X_PAIR @ X_PAIR.T / 3, rel=1e-12)
 
 
-def test_g11_convention_scaling_per_parameter():
+def test_convention_scaling_per_parameter():
     """TP vs Jacot: each weight term scales by exactly sigma_w^2, each bias term by sigma_b^2."""
     sw, sb = 1.7, 0.3
     jac = derive(mlp(3, "erf", weight_std=sw, bias_std=sb, input_dim=3)).gram(X_PAIR)
@@ -69,7 +70,7 @@ def test_g11_convention_scaling_per_parameter():
 
 # ---------------------------------------------------------------- the textbook recursion
 def _neural_tangents_recursion(depth, V, Vdot, sw2, sb2, q1, q2, c):
-    """Jacot et al. / NT (theory §2.5): Sigma^1 = sw2 x.x'/d + sb2; Theta^{l+1} = Sigma^{l+1} +
+    """Jacot et al. / NT (TP2 Eqs. 6-9): Sigma^1 = sw2 x.x'/d + sb2; Theta^{l+1} = Sigma^{l+1} +
     sw2 Theta^l dSigma^l; readout Dense(1) with bias."""
     S = (sw2 * q1 + sb2, sw2 * c + sb2, sw2 * q2 + sb2)
     theta = S[1]
@@ -222,7 +223,7 @@ def test_unbound_parameter_is_named():
 
 
 def test_standard_parametrization_against_finite_width():
-    """SP trains W directly: the NTK grows like fan_in (theory §1.5); with the width bound, the
+    """SP trains W directly: the NTK grows like fan_in (as in NT); with the width bound, the
     derived kernel is the finite network's expected NTK."""
     program = mlp(2, "erf", weight_std=1.2, bias_std=0.3, parametrization="standard", input_dim=3)
     d = derive(program)

@@ -1,4 +1,5 @@
-"""Exact mode (Zhat + Zdot), the Simple GIA Check, and GIA vs exact (theory §3.4-4, §8 G5, G6)."""
+"""Exact mode (Zhat + Zdot), the Simple GIA Check, and GIA vs exact (TP3 Box 1, Thm 2.10; TP2 §5
+Condition 1, §6.3)."""
 import inspect
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from symntk.program import PARAMETRIZATIONS
 X1 = np.array([[1.0], [0.5]])
 
 
-# ---------------------------------------------------------------- G5: the Zdot calculus
-def test_g5_ata_v():
+# ---------------------------------------------------------------- the Zdot calculus (TP3 §2-3)
+def test_ata_v():
     """x = A^T A v: E Z^v Z^x = 1, E (Z^x)^2 = 2 exactly; GIA says 0 and 1 (TP3 Ex. 2.5, 2.8)."""
     p = E.ata_v()
     v, x = p.nodes[[n.label() for n in p.nodes].index("v")], p.output.vector
@@ -23,15 +24,15 @@ def test_g5_ata_v():
     assert expectation(p, lambda Z, dZ: Z(x) ** 2, "gia") == 1
 
 
-def test_g5_semicircle_catalan_numbers():
+def test_semicircle_catalan_numbers():
     """A = W + W^T: E Z^{z^0} Z^{z^t} = 1, 0, 1, 0, 2, 0, 5, 0, 14 (TP3 §3)."""
     p, z = E.semicircle(8)
     moments = [expectation(p, lambda Z, dZ, t=t: Z(z[0]) * Z(z[t]), "exact") for t in range(9)]
     assert moments == [1, 0, 1, 0, 2, 0, 5, 0, 14]
 
 
-# ---------------------------------------------------------------- G6: GIA counterexamples
-def test_g6a_gradient_statistics_tp2_section_6_3():
+# ---------------------------------------------------------------- GIA counterexamples
+def test_gradient_statistics_tp2_section_6_3():
     p = E.tp2_section_6_3()
     x1 = next(n for n in p.nodes if getattr(n, "name", None) == "x1")
     mean = lambda mode: expectation(p, lambda Z, dZ: dZ(x1), mode, x=[0.0])
@@ -40,8 +41,9 @@ def test_g6a_gradient_statistics_tp2_section_6_3():
     assert (mean("gia"), second("gia")) == (0, 4)
 
 
-def test_g6b_square_readout_ntk():
-    """Theory §4.2: exact Theta = 3 c^2, GIA 2 c^2 with c = xi.xi'/d (symbolically)."""
+def test_square_readout_ntk():
+    """Fixed all-ones readout (TP2 Condition 1 fails): exact Theta = 3 c^2, GIA 2 c^2 with
+    c = xi.xi'/d (symbolically)."""
     p = E.square_readout()
     exact, gia = derive(p, mode="exact"), derive(p, mode="gia")
     c = sp.Symbol("c")
@@ -52,7 +54,7 @@ def test_g6b_square_readout_ntk():
     np.testing.assert_allclose(gia.gram(X1).ntk, [[2, 0.5], [0.5, 0.125]], rtol=1e-14)
 
 
-def test_g6c_trained_readout_makes_gia_exact():
+def test_trained_readout_makes_gia_exact():
     p = E.trained_readout_square()
     assert gia_check(p).holds
     np.testing.assert_allclose(derive(p, mode="exact").gram(X1).ntk,
@@ -104,7 +106,8 @@ programs = st.builds(
 @given(program=programs)
 def test_exact_equals_gia_on_bp_like_programs(program):
     """Every builder has an independent zero-mean trained readout: BP-like, so the exact calculus
-    adds no Zdot and returns GIA's recursion symbol for symbol (theory §3.5)."""
+    adds no Zdot and returns GIA's recursion symbol for symbol (TP2 Def. A.3, Thm 7.2; TP3
+    Thm D.1)."""
     assert gia_check(program).holds
     exact, gia = derive(program, mode="exact"), derive(program, mode="gia")
     assert [(str(e.lhs), e.rhs) for e in exact.equations] == \
@@ -152,7 +155,7 @@ X3 = np.array([[1.0, 2.0, 0.0], [0.5, -1.0, 1.5]])
 ], ids=["square_readout", "tied_readout_relu", "mean_pooled_relu", "tied_readout_square"])
 def test_finite_width_agrees_with_exact_and_rejects_gia(build, X):
     """Width 2048, 8 networks: the empirical NTK's mean is within 3 s.e. of exact mode everywhere
-    and more than 5 s.e. from GIA somewhere (theory §4; the issue's acceptance bar)."""
+    and more than 5 s.e. from GIA somewhere (each program fails TP2 Condition 1)."""
     program = build()
     mc = symntk.monte_carlo(program, X, width=2048, n_samples=8, seed=11)
     z = {mode: np.abs(derive(program, mode=mode).gram(X).ntk - mc.ntk_mean) / mc.ntk_sem

@@ -2,11 +2,11 @@
 
 Oracles used here, each independent of the code under test:
 * brute-force Jacobian contraction J1 J2^T (``method="jacobian"``) for the structured NTK;
-* central finite differences *in the trained parameter* (W = s * omega, theory §1.5) for reverse
+* central finite differences *in the trained parameter* (W = s * omega, TP2 §4) for reverse
   mode and the parametrization factors;
-* a hand-written Neural-Tangents-style MLP recursion (theory §2.5) with the arc-cosine (ReLU) and
-  Williams arcsin (erf) closed forms (theory §5) for the infinite-width NTK;
-* the golden values of theory §8 (G1, G2).
+* a hand-written Neural-Tangents-style MLP recursion (TP2 Eqs. 6-9) with the arc-cosine (ReLU) and
+  Williams arcsin (erf) closed forms (TP2 Facts E.2, E.3) for the infinite-width NTK;
+* closed forms: TP2 App. E.1 and the He-initialised ReLU MLP.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def test_symmetric_gram_is_symmetric_and_psd():
 
 # ----------------------------------------------------------------------------- finite differences
 def trained_scale(param_kind, parametrization, variance, fan_in):
-    """s in W = s * omega (theory §1.5), written out from the definitions, not from finite.py."""
+    """s in W = s * omega (TP2 §4), written out from the definitions, not from finite.py."""
     if parametrization == "standard":
         return 1.0
     if param_kind == "weight":
@@ -291,7 +291,7 @@ def erf_expectations(s11, s22, s12):
 
 
 def nt_kernels(X, depth, expectations, sw, sb, readout_bias=True, terms=False):
-    """NNGP and NTK of ``mlp(depth, ...)`` in the NT convention (theory §2.5):
+    """NNGP and NTK of ``mlp(depth, ...)`` in the NT convention (TP2 Eqs. 6, 8, 9):
     Sigma^1 = sw^2 x.x'/d + sb^2, Sigma^{l+1} = sw^2 E phi phi + sb^2, Theta^1 = Sigma^1,
     Theta^{l+1} = Sigma^{l+1} + sw^2 Theta^l E phi' phi'; the readout is layer depth + 1.
     With ``terms``, also the weight term of each layer l = 1..depth+1 (sw^2 C^{l-1} times the
@@ -309,15 +309,15 @@ def nt_kernels(X, depth, expectations, sw, sb, readout_bias=True, terms=False):
     return (sigma, theta, weight_terms) if terms else (sigma, theta)
 
 
-def test_oracle_reproduces_theory_golden_values():
-    # G1 (TP2 App. E.1): 3/4 |x|^2/m + 7/4 = 3.0 at x = (1, 2, 0)
+def test_oracle_reproduces_closed_forms():
+    # TP2 App. E.1: 3/4 |x|^2/m + 7/4 = 3.0 at x = (1, 2, 0)
     _, theta = nt_kernels(np.array([[1.0, 2.0, 0.0]]), 2, relu_expectations, 1.0, 1.0, readout_bias=False)
     assert theta[0, 0] == pytest.approx(3.0, rel=1e-12)
-    # G2 (theory §8): ReLU, no biases, sw^2 = 2, L = 2, NT convention: [10, 1.1560405, 7]
+    # He-initialised ReLU MLP: no biases, sw^2 = 2, L = 2, NT convention: [10, 1.1560405, 7]
     X = np.array([[1.0, 2.0, 0.0], [0.5, -1.0, 1.5]])
     _, theta = nt_kernels(X, 2, relu_expectations, np.sqrt(2), None)
     np.testing.assert_allclose([theta[0, 0], theta[0, 1], theta[1, 1]], [10, 1.1560405, 7], rtol=1e-7)
-    # G4: V_erf(1,1,1) = 2/pi arcsin(2/3), V_erf'(1,1,0) = 4/(3 pi)
+    # TP2 Fact E.3 (Williams): V_erf(1,1,1) = 2/pi arcsin(2/3), V_erf'(1,1,0) = 4/(3 pi)
     e, d = erf_expectations(1.0, 1.0, 1.0)
     assert e == pytest.approx(0.4645591, abs=1e-7)
     assert erf_expectations(1.0, 1.0, 0.0)[1] == pytest.approx(0.4244132, abs=1e-7)
@@ -360,7 +360,7 @@ def test_monte_carlo_mean_matches_infinite_width_ntk(name):
     assert mc.nngp_sem.max() < 0.1 * np.abs(nngp).max()
 
 
-def g1_program():
+def tp2_e1_program():
     """TP2 App. E.1: ReLU, 2 hidden layers, biases in both, no readout bias, unit variances."""
     xi = Input("xi", 3)
     x1 = nonlin(RELU, Weight("W1", WIDTH, 3) @ xi + Bias("b1"))
@@ -369,21 +369,21 @@ def g1_program():
 
 
 @pytest.mark.slow  # finite-width Monte Carlo at width 4096 (~2 s unloaded)
-def test_g1_relu_two_hidden_layers():
+def test_tp2_e1_relu_two_hidden_layers():
     X = np.array([[1.0, 2.0, 0.0], [0.5, -1.0, 1.5]])
     q = (X ** 2).sum(1) / 3
     _, theta = nt_kernels(X, 2, relu_expectations, 1.0, 1.0, readout_bias=False)
     np.testing.assert_allclose(np.diag(theta), 0.75 * q + 1.75, rtol=1e-12)
-    mc = monte_carlo(g1_program(), X, width=4096, n_samples=12, seed=0)
+    mc = monte_carlo(tp2_e1_program(), X, width=4096, n_samples=12, seed=0)
     assert abs(mc.ntk_mean[0, 0] - 3.0) < 3 * mc.ntk_sem[0, 0], (mc.ntk_mean, mc.ntk_sem)
     assert np.max(np.abs(mc.ntk_mean - theta) / mc.ntk_sem) < 3
     assert mc.ntk_sem[0, 0] < 0.02 * 3.0
 
 
-def test_g2_parametrization_conventions():
-    """G2 (theory §8): ReLU, no biases, sigma^2 = 2 everywhere, L = 2 hidden layers.
+def test_he_relu_parametrization_conventions():
+    """He-initialised ReLU MLP: no biases, sigma^2 = 2 everywhere, L = 2 hidden layers.
     NT: Theta(x, x) = 2 (L+1) q.  Every weight term is 1/sigma^2 times its NT term in the TP
-    convention and fan_in/sigma^2 times it in the standard one (theory §1.5), so TP gives (L+1) q
+    convention and fan_in/sigma^2 times it in the standard one (TP2 §4; NT), so TP gives (L+1) q
     and standard gives ~ n L q (the d-dimensional input layer's share does not grow with n)."""
     X = np.array([[1.0, 2.0, 0.0], [0.5, -1.0, 1.5]])
     _, theta_nt, w = nt_kernels(X, 2, relu_expectations, np.sqrt(2), None, terms=True)
@@ -401,7 +401,7 @@ def test_g2_parametrization_conventions():
 
 
 def test_parametrizations_rescale_each_term_exactly():
-    """G11 (iv): the forward law is shared, so on one sample each term changes by its factor."""
+    """Conventions: the forward law is shared, so on one sample each term changes by its factor."""
     net = sample(mlp(2, ERF, 1.5, 0.5), 9, seed=1, input_dim=3)
     X = np.random.default_rng(0).standard_normal((4, 3))
     c = {p: net.ntk(X, parametrization=p).contributions for p in ("ntk", "tp", "standard")}

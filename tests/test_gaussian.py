@@ -1,7 +1,7 @@
 """Tests for symntk.gaussian: closed forms, the GaussianExpectation node and its numerics.
 
-Oracles: exact values from theory.md §8 G4 / §5, Isserlis' theorem, and an independent
-high-precision quadrature (mpmath at 30 digits, Gauss-Legendre on the Cholesky-whitened
+Oracles: exact values of the closed forms (TP2 Facts E.2, E.3), Isserlis' theorem, and an
+independent high-precision quadrature (mpmath at 30 digits, Gauss-Legendre on the Cholesky-whitened
 2-D Gaussian, split at the kinks u = 0 and v = 0).
 """
 
@@ -126,8 +126,8 @@ def oracle(fs, cov, kinked=True):
         return total
 
 
-# ===================================================================== G4 and §5 exact
-def test_g4_relu():
+# ===================================================================== exact closed forms
+def test_relu_values():
     assert vtransform("relu", "relu", 1, 0, 1) == 1 / (2 * sp.pi)
     half = vtransform("relu", "relu", 1, R(1, 2), 1)
     assert sp.simplify(half - (sp.sqrt(3) / (4 * sp.pi) + R(1, 6))) == 0
@@ -135,13 +135,13 @@ def test_g4_relu():
     assert vtransform("relu", "relu", 1, 1, 1) == R(1, 2)
 
 
-def test_g4_step():
+def test_step_values():
     assert vtransform("step", "step", 1, 0, 1) == R(1, 4)
     assert vtransform("step", "step", 1, R(1, 2), 1) == R(1, 3)
     assert vtransform("step", "step", 1, -1, 1) == 0
 
 
-def test_g4_erf_and_erf_prime():
+def test_erf_and_erf_prime_values():
     assert vtransform("erf", "erf", 1, 1, 1) == 2 / sp.pi * sp.asin(R(2, 3))
     assert abs(num(vtransform("erf", "erf", 1, 1, 1)) - sp.Float("0.4645591", 30)) < 1e-7
     d = derivative("erf")
@@ -150,13 +150,13 @@ def test_g4_erf_and_erf_prime():
     assert abs(num(vtransform(d, d, 1, 1, 1)) - sp.Float("0.5694100", 30)) < 1e-7
 
 
-def test_g4_relu_step_identity_and_erf_erf_prime():
+def test_relu_step_identity_and_erf_erf_prime():
     lhs = vtransform("relu", "step", S11, S12, S22)
     assert sp.simplify(lhs - sp.sqrt(S11) * (1 + C) / (2 * sp.sqrt(2 * sp.pi))) == 0
     assert vtransform("erf", derivative("erf"), S11, S12, S22) == 0
 
 
-def test_section5_table_symbolically():
+def test_closed_form_table_symbolically():
     relu = vtransform("relu", "relu", S11, S12, S22)
     theta = sp.acos(C)
     expected = sp.sqrt(S11 * S22) / (2 * sp.pi) * (sp.sqrt(1 - C**2) + (sp.pi - theta) * C)
@@ -285,7 +285,7 @@ def test_stein_lemma_and_delta():
 
 
 def test_gelu_closed_form_via_stein():
-    """E gelu(u) gelu(v): no node left, and it matches quadrature (theory §5 Stein)."""
+    """E gelu(u) gelu(v): no node left, and it matches quadrature (Stein's lemma, TP2 Lemma F.4)."""
     value = vtransform("gelu", "gelu", S11, S12, S22)
     assert not has_node(value)
     gelu = sp.lambdify(X, activation("gelu"), "mpmath")

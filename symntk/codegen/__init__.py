@@ -1,13 +1,15 @@
 """Numba code generation: a :class:`~symntk.derivation.Derivation` becomes a Python module on disk.
 
-Stage 4 of the pipeline (style.md §2, §6): plain data in (the derivation's equations), plain text
-out (a module of two ``numba.njit(cache=True)`` functions), nothing calls back up.
+Stage 4 of the pipeline (program, derivation, printers and code generators): plain data in (the
+derivation's equations), plain text out (a module of two ``numba.njit(cache=True)`` functions),
+nothing calls back up.
 
 ``per_input(q, ...)``
     everything that depends on one input only, for every row: the "copy 0" half of the
-    derivation (the diagonal kernels ``C_h_00[l]`` of theory §2.5), the per-input factors the pair
-    code needs (``1/sqrt(Sigma_00)``, ...), and the whole ``derivation.diagonal`` system, whose
-    NNGP/NTK are the exact k(x, x) (no ``sqrt(q q' - K^2)`` cancellation).
+    derivation (the diagonal kernels ``C_h_00[l]`` of the MLP recursion, TP2 Eq. 6), the
+    per-input factors the pair code needs (``1/sqrt(Sigma_00)``, ...), and the whole
+    ``derivation.diagonal`` system, whose NNGP/NTK are the exact k(x, x) (no
+    ``sqrt(q q' - K^2)`` cancellation).
 ``pairs(T1, T2, ...)``
     a ``prange`` over rows computing only the mixed symbols (copies 0 and 1) and the outputs.
     Columns go in chunks of :data:`CHUNK`: every straight segment and every loop body is an
@@ -19,8 +21,8 @@ out (a module of two ``numba.njit(cache=True)`` functions), nothing calls back u
 How the text is made:
 
 1. Gaussian-expectation nodes without a closed form become calls ``Q3(s1, s2, rho)`` of their
-   whitening parameters (theory §5, "General phi"); calls that share their arguments are later
-   evaluated in one quadrature loop.
+   whitening parameters (2-D Gauss-Hermite, as in Neural Tangents' ``ElementwiseNumerical``);
+   calls that share their arguments are later evaluated in one quadrature loop.
 2. Variances in negative powers (the ``1/sqrt(Sigma_11 Sigma_22)`` of every correlation) become
    ``SafePow`` (zero when the variance is zero: a zero input with no bias has a well-defined
    kernel, and every term multiplying that factor vanishes with it).
@@ -35,7 +37,7 @@ How the text is made:
    ``Max``/``Min`` do not compile in Numba).  A temporary is emitted just before its first
    use; one that later straight segments also read lives in an array over the chunk.
 
-Repeated blocks stay loops (style.md §5): arrays are indexed by the layer and sized from the loop
+Repeated blocks stay loops: arrays are indexed by the layer and sized from the loop
 bounds, so the text, and Numba's compile time, do not grow with depth.  Model parameters
 (variances) are *arguments* (``theta``), not constants: one compiled module serves every
 hyper-parameter value, which is what sweeps and fits need (a symbolic ``weight_std`` compiles

@@ -20,7 +20,8 @@ __all__ = ["SafePow", "Eq", "Block", "Family", "Plan", "Twins", "class0_twins", 
 
 
 class SafePow(sp.Function):
-    """``x**p`` for ``x > 0``, else 0: a negative power of a variance (theory §5's ``c``).
+    """``x**p`` for ``x > 0``, else 0: a negative power of a variance (as in the
+    correlation ``c = S12/sqrt(S11 S22)`` of TP2 Facts E.2, E.3).
 
     The correlation ``Sigma_12 / sqrt(Sigma_11 Sigma_22)`` is undefined at a zero variance, but
     every closed form multiplies the terms that use it by a power of that variance or by a

@@ -23,7 +23,8 @@ def _float(x) -> str:
 
 
 class NumbaPrinter(PythonCodePrinter):
-    """Python source that Numba compiles, with the numerical guards of style.md §6.
+    """Python source that Numba compiles, with numerical guards against rounding and
+    undefined branches:
 
     * numbers print as float literals (``169/100 -> 1.69``): no integer arithmetic in kernels;
     * ``acos``/``asin`` are the module's ``_acos``/``_asin``, which clip their argument into
