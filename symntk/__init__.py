@@ -18,7 +18,8 @@ from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Momen
                       OutputBias, Pool, Program, ProgramError, Readout, Repeat, Scan, Transpose,
                       Vector, VectorReadout, Weight, WIDTH, nonlin, repeat, scan)
 from .builders import gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
-from .derivation import Derivation, Equation, Loop, derive
+from .derivation import derive
+from .equations import Derivation, Equation, Loop
 from .evaluate import gram
 from .result import KernelResult
 from .gia import GIACheck, gia_check

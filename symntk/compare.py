@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from .derivation import Derivation, derive
+from .derivation import derive
+from .equations import Derivation
 from .gia import GIACheck, gia_check
 from .program import Program
 

@@ -10,7 +10,7 @@ import numpy as np
 import sympy as sp
 
 from .binding import bind_parameters
-from .derivation import Derivation, Equation, Loop
+from .equations import Derivation, Equation, Loop
 from .gaussian import GaussianExpectation
 from .numeric import lambdify
 from .quadrature import gaussian_expectation

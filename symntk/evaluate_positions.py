@@ -16,7 +16,7 @@ import numpy as np
 import sympy as sp
 
 from .binding import bind_parameters
-from .derivation import Derivation
+from .equations import Derivation
 from .evaluate import _expectation_nodes, _quadrature
 from .numeric import lambdify
 from .result import KernelResult

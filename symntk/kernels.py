@@ -289,7 +289,7 @@ def compile(derivation, *, rule: str | None = None, radial_order: int | None = N
     that appear in loop bounds (structural); variances stay call-time parameters.
     ``warm_up`` compiles now (or loads Numba's cache) instead of at the first call.
     """
-    from .derivation import Derivation
+    from .equations import Derivation
     if not isinstance(derivation, Derivation):
         raise TypeError(f"compile needs a Derivation (symntk.derive(program)), got "
                         f"{type(derivation).__name__}")

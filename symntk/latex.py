@@ -23,7 +23,7 @@ import re
 
 import sympy as sp
 
-from .derivation import Derivation, Equation, Loop
+from .equations import Derivation, Equation, Loop
 from .gaussian import ClosedForm, DualActivation, GaussianExpectation, expect
 
 __all__ = ["derivation_latex", "derivation_text", "named_closed_forms", "expand_duals", "paper_form", "NOTATIONS"]

@@ -93,7 +93,7 @@ class Prediction:
 def _kernel_function(kernel, params, mode) -> Callable:
     """``k(X1, X2=None, diagonal=False) -> KernelResult`` from a Program, a Derivation, a compiled
     kernel, or any callable with the compiled kernel's signature."""
-    from .derivation import Derivation
+    from .equations import Derivation
     from .program import Program
 
     if isinstance(kernel, Program):

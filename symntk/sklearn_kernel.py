@@ -32,7 +32,8 @@ except ImportError as exc:                      # pragma: no cover - exercised w
     raise ImportError("symntk.sklearn_kernel needs scikit-learn: pip install 'symntk[sklearn]'") \
         from exc
 
-from .derivation import Derivation, Equation, Loop, derive
+from .derivation import derive
+from .equations import Derivation, Equation, Loop
 from .program import Program
 
 __all__ = ["TensorProgramKernel", "tangent_derivation", "hyperparameter_symbols"]

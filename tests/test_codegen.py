@@ -32,7 +32,8 @@ from symntk import codegen, kernels, quadrature
 from symntk.activations import ACTIVATIONS
 from symntk.builders import mlp
 from symntk.codegen import NumbaPrinter, SafePow
-from symntk.derivation import Loop, derive
+from symntk.derivation import derive
+from symntk.equations import Loop
 from symntk.gaussian import GaussianExpectation, numeric_expectation
 
 X_PAIR = np.array([[1.0, 2.0, 0.0], [0.5, -1.0, 1.5]])

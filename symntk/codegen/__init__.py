@@ -54,7 +54,7 @@ warning.  No callable is ever passed to a jitted function (that would disable ca
 
 from __future__ import annotations
 
-from ..derivation import Derivation
+from ..equations import Derivation
 from .cache import (CacheWarning, cache_dir, cache_info, clear_cache, drop_numba_cache,
                     fingerprint, load_module, read_manifest, source_hash, write_manifest)
 from .hoisting import Hoister

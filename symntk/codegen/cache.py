@@ -15,7 +15,7 @@ import numba
 import platformdirs
 import sympy as sp
 
-from ..derivation import Derivation, Loop
+from ..equations import Derivation, Loop
 from .module import CODEGEN_VERSION, MODULE_PREFIX, GeneratedKernel
 
 __all__ = ["CacheWarning", "cache_dir", "load_module", "drop_numba_cache", "cache_info",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import sympy as sp
 
 from ..binding import bind
-from ..derivation import Derivation, Loop
+from ..equations import Derivation, Loop
 from ..gaussian import GaussianExpectation
 
 if TYPE_CHECKING:                                   # annotations only: quadrature imports us

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from ..derivation import Derivation
+from ..equations import Derivation
 from ..zcalculus import LENGTH
 
 __all__ = ["compile_positions", "PositionKernel"]
