@@ -239,12 +239,14 @@ def test_relu_scale_law_symbolic():
     assert sp.simplify(lhs - a**2 * vtransform("relu", "relu", S11, S12, S22)) == 0
 
 
+# Denominators are bounded: sqrt(1 - c^2) of a rational with a ~90-bit denominator sends SymPy
+# into integer factorisation, which gives up with a ValueError (a SymPy limit, not ours).
 @settings(max_examples=40, deadline=None)
 @given(
-    a=st.fractions(min_value=R(1, 10), max_value=10),
-    s1=st.fractions(min_value=R(1, 10), max_value=3),
-    s2=st.fractions(min_value=R(1, 10), max_value=3),
-    c=st.fractions(min_value=-1, max_value=1),
+    a=st.fractions(min_value=R(1, 10), max_value=10, max_denominator=10**6),
+    s1=st.fractions(min_value=R(1, 10), max_value=3, max_denominator=10**6),
+    s2=st.fractions(min_value=R(1, 10), max_value=3, max_denominator=10**6),
+    c=st.fractions(min_value=-1, max_value=1, max_denominator=10**6),
 )
 def test_relu_scale_law_numeric(a, s1, s2, c):
     a, s1, s2, c = map(sp.Rational, (a, s1, s2, c))
