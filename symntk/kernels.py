@@ -50,7 +50,7 @@ from .binding import bind, bind_parameters
 from .quadrature import QUADRATURE, rule_arrays
 from .result import KernelResult, check_pair
 
-__all__ = ["CompiledKernel", "InputTables", "compile"]
+__all__ = ["CompiledKernel", "InputTables", "compile", "as_compiled", "block_size", "STAGE_TILE"]
 
 
 @dataclass(frozen=True)
@@ -192,11 +192,10 @@ class CompiledKernel:
         rows = n1 if block_rows is None else max(1, int(block_rows))
         groups = 4 * numba.get_num_threads() if groups is None else int(groups)
         bad = np.zeros(n1, dtype=np.int64)
+        if g.pair_inputs:            # stage x.x' in the output (BLAS); pairs reads it
+            _stage(X1, X2, ntk, sym)
         for r0 in range(0, n1, rows):
             r1 = min(n1, r0 + rows)
-            if g.pair_inputs:        # stage x.x' in the output rows (BLAS); pairs reads it
-                with _quiet_blas():
-                    np.matmul(X1[r0:r1], X2.T, out=ntk[r0:r1])
             self.module.pairs(t1.T, T2, theta, *self._rules, nngp, ntk, tarr, bool(terms), r0,
                               r1, sym, 1.0 / X1.shape[1], bad, groups)
         term_arrays = {}
@@ -291,6 +290,28 @@ def _openblas():
                     put.argtypes = [ctypes.c_int]
                     return get, put
     return None
+
+
+#: Rows and columns of the tiles in which x.x' is computed (see :func:`_stage`).
+STAGE_TILE = 256
+
+
+def _stage(X1, X2, out, sym):
+    """out[i, j] = x_i . x'_j by BLAS, in STAGE_TILE x STAGE_TILE tiles counted from the first
+    row and column (only tiles that reach j > i when ``sym``).  A BLAS product's rounding depends
+    on the shape of the call (OpenBLAS picks kernels by size and edge), so a fixed tiling makes
+    each entry a function of its tile only: a block whose first row and column are multiples of
+    STAGE_TILE (and whose last tile ends where the whole matrix's does) stages exactly the
+    entries of one call on the whole matrix.  One BLAS thread (:class:`_quiet_blas`)."""
+    n1, n2 = X1.shape[0], X2.shape[0]
+    S = STAGE_TILE
+    with _quiet_blas():
+        for a in range(0, n1, S):
+            b = min(n1, a + S)
+            A = X1[a:b]
+            for c in range(a if sym else 0, n2, S):
+                e = min(n2, c + S)
+                np.matmul(A, X2[c:e].T, out=out[a:b, c:e])
 
 
 class _quiet_blas:
@@ -407,3 +428,37 @@ def compile(derivation, *, rule: str | None = None, radial_order: int | None = N
             kernel.warm_up()
     _LOADED[key] = (module, cached)
     return kernel
+
+
+def as_compiled(kernel, mode: str = "gia", **compile_options) -> CompiledKernel:
+    """A :class:`CompiledKernel` from a Program (derived in ``mode``), a Derivation, or a
+    compiled kernel (returned as is).  Blockwise drivers need the compiled per-input and pair
+    passes; derivations over positions, and those the code generator does not handle
+    (``NotImplementedError``), are not supported by them."""
+    from .equations import Derivation
+    from .program import Program
+    if isinstance(kernel, CompiledKernel):
+        if compile_options:
+            raise ValueError(f"compile options {sorted(compile_options)} given with an already "
+                             "compiled kernel")
+        return kernel
+    if isinstance(kernel, Program):
+        from .derivation import derive
+        kernel = derive(kernel, mode=mode)
+    if isinstance(kernel, Derivation):
+        if any(inp.positions for inp in kernel.program.inputs):
+            raise NotImplementedError("blockwise Gram matrices of sequence programs (inputs "
+                                      "with positions) are not supported yet")
+        return compile(kernel, **compile_options)
+    raise TypeError("expected a Program, a Derivation or a compiled kernel "
+                    f"(symntk.derive(program).compile()), got {type(kernel).__name__}")
+
+
+def block_size(rows) -> int:
+    """Rows per block of a blockwise Gram matrix, rounded up to a multiple of
+    :data:`STAGE_TILE`: then every block stages x.x' with the same BLAS calls as one call on the
+    whole matrix, and the blocks equal its entries bit for bit."""
+    c = int(rows)
+    if c < 1:
+        raise ValueError(f"the block size must be a positive number of rows, got {rows}")
+    return -(-c // STAGE_TILE) * STAGE_TILE
