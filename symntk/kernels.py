@@ -6,8 +6,9 @@
 
 1. ``per_input`` runs once over the rows of X1 (and of X2): the per-input table and the exact
    diagonal from ``derivation.diagonal``;
-2. the input kernel x.x' is computed by BLAS *into the NTK output* (on one BLAS thread: OpenBLAS's
-   idle workers would spin against Numba's threads); ``pairs`` (a ``prange`` over rows,
+2. the input kernel x.x' is computed by BLAS *into the NTK output*, in fixed 256 x 256 tiles (so
+   that a block of the matrix computed alone rounds exactly as the whole; on one BLAS thread:
+   OpenBLAS's idle workers would spin against Numba's threads); ``pairs`` (a ``prange`` over rows,
    vectorised over chunks of columns) reads each entry and overwrites it with the kernel.  The working memory beyond
    the output matrices is the per-input tables, O((N1 + N2) x table width), and a few hundred
    bytes of scratch per thread: never an (N1, N2, n_symbols) array, and no staging buffer.
@@ -16,6 +17,11 @@
 3. with ``X2 = None`` only j > i is computed, the lower triangle is mirrored and the diagonal is
    the diagonal system's (exact; the pair formulas lose digits to cancellation at c = 1:
    sqrt(1 - c^2) turns a rounding error of 1e-16 in c into 1e-8, and deeper layers compound it).
+
+The two passes are also entry points of their own, for blockwise drivers (:mod:`symntk.dask`,
+:mod:`symntk.matfree`): ``k.tables(X, theta)`` (step 1 for some rows, an :class:`InputTables`)
+and ``k.block(t1, t2, theta)`` (steps 2-3 for two row ranges).  A compiled kernel pickles without
+its module and reloads it from the kernel cache (worker processes).
 
 Quadrature (expectations without closed forms, the V-transforms of TP2 Def. E.1): the node and
 weight arrays of :mod:`symntk.quadrature` are *arguments* of the jitted functions (never
