@@ -3,8 +3,8 @@
 A Gram matrix K[i, j] = k(x_i, x_j) of a compiled kernel (:mod:`symntk.kernels`) splits into
 blocks of rows and columns.  Each entry depends on the two inputs only, through their per-input
 tables (the one-input recursions, e.g. the variances Sigma^l(x, x) of TP2 Eq. 6, and the exact
-diagonal k(x, x)) and the pair recursion (Sigma^l(x, x'), Theta^l(x, x'): Jacot et al. 2018
-Thm. 1; TP2 Eq. 6-7).  So:
+diagonal k(x, x)) and the pair recursion (Sigma^l(x, x'), Theta^l(x, x'): Jacot et al. 2018;
+TP2 Eq. 6).  So:
 
 * the per-input pass runs once per row chunk (one task per chunk), and every block of that
   chunk's row and column reads it;

@@ -1,7 +1,8 @@
 """Matrix-free kernel regression: preconditioned conjugate gradients on blockwise Gram products.
 
 Kernel (ridge) regression with the infinite-width NTK is the t -> inf limit of a wide network
-trained by gradient descent on squared loss (Jacot et al. 2018 Eq. 4; Lee et al. 2019 Eq. 16):
+trained by gradient descent on squared loss (Jacot et al. 2018; Lee et al. 2019 Eq. 16 at
+t -> inf):
 
     mu(x) = Theta(x, X) alpha,        (Theta(X, X) + ridge I) alpha = Y,
 
