@@ -6,8 +6,9 @@
 
 1. ``per_input`` runs once over the rows of X1 (and of X2): the per-input table and the exact
    diagonal from ``derivation.diagonal``;
-2. the input kernel x.x' is computed by BLAS *into the NTK output* (on one BLAS thread: OpenBLAS's
-   idle workers would spin against Numba's threads); ``pairs`` (a ``prange`` over rows,
+2. the input kernel x.x' is computed by BLAS *into the NTK output*, in fixed 256 x 256 tiles (so
+   that a block of the matrix computed alone rounds exactly as the whole; on one BLAS thread:
+   OpenBLAS's idle workers would spin against Numba's threads); ``pairs`` (a ``prange`` over rows,
    vectorised over chunks of columns) reads each entry and overwrites it with the kernel.  The working memory beyond
    the output matrices is the per-input tables, O((N1 + N2) x table width), and a few hundred
    bytes of scratch per thread: never an (N1, N2, n_symbols) array, and no staging buffer.
@@ -16,6 +17,11 @@
 3. with ``X2 = None`` only j > i is computed, the lower triangle is mirrored and the diagonal is
    the diagonal system's (exact; the pair formulas lose digits to cancellation at c = 1:
    sqrt(1 - c^2) turns a rounding error of 1e-16 in c into 1e-8, and deeper layers compound it).
+
+The two passes are also entry points of their own, for blockwise drivers (:mod:`symntk.dask`,
+:mod:`symntk.matfree`): ``k.tables(X, theta)`` (step 1 for some rows, an :class:`InputTables`)
+and ``k.block(t1, t2, theta)`` (steps 2-3 for two row ranges).  A compiled kernel pickles without
+its module and reloads it from the kernel cache (worker processes).
 
 Quadrature (expectations without closed forms, the V-transforms of TP2 Def. E.1): the node and
 weight arrays of :mod:`symntk.quadrature` are *arguments* of the jitted functions (never
@@ -37,7 +43,9 @@ callables), so the orders are options of :func:`compile` that need no recompilat
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -48,7 +56,27 @@ from .binding import bind, bind_parameters
 from .quadrature import QUADRATURE, rule_arrays
 from .result import KernelResult, check_pair
 
-__all__ = ["CompiledKernel", "compile"]
+__all__ = ["CompiledKernel", "InputTables", "compile", "as_compiled", "block_size", "STAGE_TILE"]
+
+
+@dataclass(frozen=True)
+class InputTables:
+    """The per-input half of a kernel evaluation for some rows of a data matrix (float64):
+    the rows ``X`` (n, d), the table ``T`` (n, width) the pair pass reads, and the exact diagonal
+    ``nngp``, ``ntk`` (n,) and ``terms`` (n_terms, n) of k(x, x)."""
+    X: np.ndarray
+    T: np.ndarray
+    nngp: np.ndarray
+    ntk: np.ndarray
+    terms: np.ndarray
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    def rows(self, i0: int, i1: int) -> "InputTables":
+        """The tables of rows i0..i1-1 (views)."""
+        return InputTables(self.X[i0:i1], self.T[i0:i1], self.nngp[i0:i1], self.ntk[i0:i1],
+                           self.terms[:, i0:i1])
 
 
 # =========================================================================== the kernel
@@ -123,29 +151,85 @@ class CompiledKernel:
                              f"{dict(zip(map(str, self.generated.params), vals))}")
         return theta
 
-    def _per_input(self, X, theta):
+    def theta(self, params=None, dim: int | None = None) -> np.ndarray:
+        """The parameter vector ``theta`` of :meth:`tables` and :meth:`block` (``params`` as in
+        a call; ``dim`` the input dimension, the program's when it is a number)."""
+        if dim is None:
+            dim = _dim_or(self._dim, None)
+            if dim is None:
+                raise ValueError(f"the program's input dimension {self._dim} is symbolic: pass dim")
+        return self._theta(params, int(dim))
+
+    def tables(self, X, theta: np.ndarray) -> InputTables:
+        """The per-input pass over the rows of ``X`` (checked by the caller): each row's table of
+        one-input quantities (the diagonal recursions, e.g. Sigma^l(x, x) of TP2 Eq. 6) and its
+        exact diagonal k(x, x).  Rows are independent, so the tables of a row range are the rows
+        of the tables: compute them once and share them between all blocks of a Gram matrix."""
         g = self.generated
+        X = np.ascontiguousarray(X, dtype=np.float64)
         q = np.ascontiguousarray(np.einsum("ij,ij->i", X, X) / X.shape[1])
         n = X.shape[0]
         T = np.empty((n, g.table_width))
         dn, dk = np.empty(n), np.empty(n)
         dt = np.empty((max(len(g.term_names), 1), n))
         self.module.per_input(q, theta, *self._rules, T, dn, dk, dt)
-        return T, dn, dk, dt
+        return InputTables(X, T, dn, dk, dt)
+
+    def block(self, t1: InputTables, t2: InputTables | None, theta: np.ndarray, *,
+              terms: bool = False, block_rows: int | None = None,
+              groups: int | None = None) -> tuple[KernelResult, int]:
+        """The pair pass: the (len(t1), len(t2)) block of the Gram matrices from two tables.
+
+        ``t2=None`` is the symmetric block of ``t1`` with itself: only j > i is computed, the
+        lower triangle mirrored and the diagonal is the exact one of the tables.  Returns the
+        block and the number of non-finite NTK entries.  Every entry depends on its two rows'
+        tables and inputs only, so a matrix assembled from blocks equals one call bit for bit.
+        """
+        g = self.generated
+        sym = t2 is None
+        t2 = t1 if sym else t2
+        X1, X2 = t1.X, t2.X
+        n1, n2 = X1.shape[0], X2.shape[0]
+        T2 = np.ascontiguousarray(t2.T.T)
+        ntk = np.empty((n1, n2))
+        nngp = np.empty((n1, n2)) if g.has_nngp else np.empty((1, 1))
+        nt = max(len(g.term_names), 1)
+        tarr = np.empty((nt, n1, n2)) if (terms and g.term_names) else np.empty((nt, 1, 1))
+        rows = n1 if block_rows is None else max(1, int(block_rows))
+        groups = 4 * numba.get_num_threads() if groups is None else int(groups)
+        bad = np.zeros(n1, dtype=np.int64)
+        if g.pair_inputs:            # stage x.x' in the output (BLAS); pairs reads it
+            _stage(X1, X2, ntk, sym)
+        for r0 in range(0, n1, rows):
+            r1 = min(n1, r0 + rows)
+            self.module.pairs(t1.T, T2, theta, *self._rules, nngp, ntk, tarr, bool(terms), r0,
+                              r1, sym, 1.0 / X1.shape[1], bad, groups)
+        term_arrays = {}
+        if terms:
+            term_arrays = {name: tarr[k] for k, name in enumerate(g.term_names)}
+        nbad = int(bad.sum())
+        if sym:
+            mats = [ntk] + ([nngp] if g.has_nngp else []) + list(term_arrays.values())
+            diags = [t1.ntk] + ([t1.nngp] if g.has_nngp else []) + \
+                [t1.terms[k] for k in range(len(term_arrays))]
+            for M, dv in zip(mats, diags):
+                _mirror(M)
+                np.fill_diagonal(M, dv)
+            nbad += int(np.count_nonzero(~np.isfinite(t1.ntk)))
+        return KernelResult(nngp if g.has_nngp else None, ntk, term_arrays), nbad
 
     def __call__(self, X1, X2=None, params=None, diagonal: bool = False, max_memory=None,
                  terms: bool = False, block_rows: int | None = None) -> KernelResult:
         g = self.generated
         sym = X2 is None
         X1, X2 = check_pair(X1, X2, self._dim)
-        d = X1.shape[1]
-        theta = self._theta(params, d)
+        theta = self._theta(params, X1.shape[1])
         n1, n2 = X1.shape[0], X2.shape[0]
         if diagonal:
-            _, dn, dk, dt = self._per_input(X1, theta)
-            _check_finite(int(np.count_nonzero(~np.isfinite(dk))))
-            return KernelResult(dn if g.has_nngp else None, dk,
-                                {name: dt[k] for k, name in enumerate(g.term_names)}
+            t = self.tables(X1, theta)
+            _check_finite(int(np.count_nonzero(~np.isfinite(t.ntk))))
+            return KernelResult(t.nngp if g.has_nngp else None, t.ntk,
+                                {name: t.terms[k] for k, name in enumerate(g.term_names)}
                                 if terms else {})
         n_out = (2 if g.has_nngp else 1) + (len(g.term_names) if terms else 0)
         out_bytes = 8 * n_out * n1 * n2
@@ -156,34 +240,23 @@ class CompiledKernel:
                 f"matrices of shape ({n1}, {n2}) alone need {out_bytes} bytes "
                 f"(plus {table_bytes} for per-input tables); raise max_memory, split the "
                 "inputs, or ask for diagonal=True")
-        T1, dn1, dk1, dt1 = self._per_input(X1, theta)
-        T2 = np.ascontiguousarray((T1 if sym else self._per_input(X2, theta)[0]).T)
-        ntk = np.empty((n1, n2))
-        nngp = np.empty((n1, n2)) if g.has_nngp else np.empty((1, 1))
-        nt = max(len(g.term_names), 1)
-        tarr = np.empty((nt, n1, n2)) if (terms and g.term_names) else np.empty((nt, 1, 1))
-        rows = n1 if block_rows is None else max(1, int(block_rows))
-        mod = self.module
-        bad = np.zeros(n1, dtype=np.int64)
-        for r0 in range(0, n1, rows):
-            r1 = min(n1, r0 + rows)
-            if g.pair_inputs:        # stage x.x' in the output rows (BLAS); pairs reads it
-                with _quiet_blas():
-                    np.matmul(X1[r0:r1], X2.T, out=ntk[r0:r1])
-            mod.pairs(T1, T2, theta, *self._rules, nngp, ntk, tarr, bool(terms), r0, r1, sym,
-                      1.0 / d, bad, 4 * numba.get_num_threads())
-        term_arrays = {}
-        if terms:
-            term_arrays = {name: tarr[k] for k, name in enumerate(g.term_names)}
-        if sym:
-            mats = [ntk] + ([nngp] if g.has_nngp else []) + list(term_arrays.values())
-            diags = [dk1] + ([dn1] if g.has_nngp else []) + \
-                [dt1[k] for k in range(len(term_arrays))]
-            for M, dv in zip(mats, diags):
-                _mirror(M)
-                np.fill_diagonal(M, dv)
-        _check_finite(int(bad.sum()) + (int(np.count_nonzero(~np.isfinite(dk1))) if sym else 0))
-        return KernelResult(nngp if g.has_nngp else None, ntk, term_arrays)
+        t1 = self.tables(X1, theta)
+        t2 = None if sym else self.tables(X2, theta)
+        result, bad = self.block(t1, t2, theta, terms=terms, block_rows=block_rows)
+        _check_finite(bad)
+        return result
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        """Everything but the loaded module (a worker process reloads it from the generated
+        text: the kernel cache and Numba's cache make that a file read, not a compile)."""
+        state = dict(self.__dict__)
+        state.pop("module")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.module, self.cached = codegen.load_module(self.generated, use_cache=self.cached)
 
     # ------------------------------------------------------------------ compilation
     def warm_up(self):
@@ -191,7 +264,7 @@ class CompiledKernel:
         X = np.array([[1.0] + [0.0] * (_dim_or(self._dim, 1) - 1),
                       [0.5] * _dim_or(self._dim, 1)])
         theta = np.ones(len(self.generated.params))
-        T, dn, dk, dt = self._per_input(X, theta)
+        T = self.tables(X, theta).T
         g = self.generated
         n = X.shape[0]
         ntk = np.full((n, n), 0.1)
@@ -225,21 +298,59 @@ def _openblas():
     return None
 
 
+#: Rows and columns of the tiles in which x.x' is computed (see :func:`_stage`).
+STAGE_TILE = 256
+
+
+def _stage(X1, X2, out, sym):
+    """out[i, j] = x_i . x'_j by BLAS, in STAGE_TILE x STAGE_TILE tiles counted from the first
+    row and column (only tiles that reach j > i when ``sym``).  A BLAS product's rounding depends
+    on the shape of the call (OpenBLAS picks kernels by size and edge), so a fixed tiling makes
+    each entry a function of its tile only: a block whose first row and column are multiples of
+    STAGE_TILE (and whose last tile ends where the whole matrix's does) stages exactly the
+    entries of one call on the whole matrix.  One BLAS thread (:class:`_quiet_blas`)."""
+    n1, n2 = X1.shape[0], X2.shape[0]
+    S = STAGE_TILE
+    with _quiet_blas():
+        for a in range(0, n1, S):
+            b = min(n1, a + S)
+            A = X1[a:b]
+            for c in range(a if sym else 0, n2, S):
+                e = min(n2, c + S)
+                np.matmul(A, X2[c:e].T, out=out[a:b, c:e])
+
+
 class _quiet_blas:
     """Run the staging matmul on one BLAS thread.  OpenBLAS's worker threads keep spinning for a
     while after a call, competing for the cores with the Numba threads that come next (measured:
-    ~1.3x slower and twice as noisy on 2 cores); one thread costs ~20 ms at N = 4000, d = 100."""
+    ~1.3x slower and twice as noisy on 2 cores); one thread costs ~20 ms at N = 4000, d = 100.
+    The setting is process-wide: concurrent blocks (threads of a Dask worker) share it, the first
+    one in saves it and the last one out restores it."""
+
+    _lock = threading.Lock()
+    _active = 0
+    _saved = None
 
     def __enter__(self):
         ctl = _openblas()
-        self.saved = None
-        if ctl is not None:
-            self.saved = ctl[0]()
-            ctl[1](1)
+        if ctl is None:
+            return
+        cls = type(self)
+        with cls._lock:
+            if cls._active == 0:
+                cls._saved = ctl[0]()
+                ctl[1](1)
+            cls._active += 1
 
     def __exit__(self, *exc):
-        if self.saved is not None:
-            _openblas()[1](self.saved)
+        ctl = _openblas()
+        if ctl is None:
+            return
+        cls = type(self)
+        with cls._lock:
+            cls._active -= 1
+            if cls._active == 0 and cls._saved is not None:
+                ctl[1](cls._saved)
 
 
 def _check_finite(bad: int):
@@ -323,3 +434,37 @@ def compile(derivation, *, rule: str | None = None, radial_order: int | None = N
             kernel.warm_up()
     _LOADED[key] = (module, cached)
     return kernel
+
+
+def as_compiled(kernel, mode: str = "gia", **compile_options) -> CompiledKernel:
+    """A :class:`CompiledKernel` from a Program (derived in ``mode``), a Derivation, or a
+    compiled kernel (returned as is).  Blockwise drivers need the compiled per-input and pair
+    passes; derivations over positions, and those the code generator does not handle
+    (``NotImplementedError``), are not supported by them."""
+    from .equations import Derivation
+    from .program import Program
+    if isinstance(kernel, CompiledKernel):
+        if compile_options:
+            raise ValueError(f"compile options {sorted(compile_options)} given with an already "
+                             "compiled kernel")
+        return kernel
+    if isinstance(kernel, Program):
+        from .derivation import derive
+        kernel = derive(kernel, mode=mode)
+    if isinstance(kernel, Derivation):
+        if any(inp.positions for inp in kernel.program.inputs):
+            raise NotImplementedError("blockwise Gram matrices of sequence programs (inputs "
+                                      "with positions) are not supported yet")
+        return compile(kernel, **compile_options)
+    raise TypeError("expected a Program, a Derivation or a compiled kernel "
+                    f"(symntk.derive(program).compile()), got {type(kernel).__name__}")
+
+
+def block_size(rows) -> int:
+    """Rows per block of a blockwise Gram matrix, rounded up to a multiple of
+    :data:`STAGE_TILE`: then every block stages x.x' with the same BLAS calls as one call on the
+    whole matrix, and the blocks equal its entries bit for bit."""
+    c = int(rows)
+    if c < 1:
+        raise ValueError(f"the block size must be a positive number of rows, got {rows}")
+    return -(-c // STAGE_TILE) * STAGE_TILE
