@@ -41,7 +41,8 @@ __all__ = ["kernel", "to_zarr", "open_zarr", "KINDS"]
 #: The Gram matrices a call can produce.
 KINDS = ("nngp", "ntk")
 
-_EXTRA = 'symntk.dask needs the "dask" extra: pip install "symntk[dask]" (dask[array], distributed, zarr)'
+_EXTRA = ('symntk.dask needs the "dask" extra: pip install "symntk[dask]" '
+          "(dask[array], distributed, zarr)")
 
 
 def _dask():
@@ -192,8 +193,9 @@ def kernel(kernel, X1, X2=None, *, chunks: int = 2048, params=None, mode: str = 
     (``symntk.derive(program).compile()``); ``X1`` (N1, d), ``X2`` (N2, d) or None (symmetric:
     only the blocks on and above the diagonal are computed, the others are their transposes);
     NumPy or Dask arrays.  ``chunks``: rows (and columns) per block, rounded up to a multiple of
-    256 (the tile of the BLAS product x.x', so that blocks equal the in-memory matrix).  ``params``: values of free
-    variances, as for a compiled kernel.  ``numba_threads``: Numba threads per Dask task.
+    256 (the tile of the BLAS product x.x', so that blocks equal the in-memory matrix).
+    ``params``: values of free variances, as for a compiled kernel.  ``numba_threads``: Numba
+    threads per Dask task.
 
     Returns a :class:`~symntk.result.KernelResult` whose ``nngp`` (None when the program has no
     NNGP) and ``ntk`` are dask arrays of shape (N1, N2) sharing their block tasks: compute them
@@ -312,7 +314,8 @@ def to_zarr(kernel, X1, path, X2=None, *, chunks: int = 2048, kinds=KINDS, param
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected some of {KINDS}")
         if kind == "nngp" and not k.generated.has_nngp:
-            raise ValueError("this program has no NNGP kernel (no readout to a GP); ask kinds=('ntk',)")
+            raise ValueError("this program has no NNGP kernel (no readout to a GP); "
+                             "ask kinds=('ntk',)")
     if not kinds:
         raise ValueError("kinds is empty")
     if any(hasattr(X, "dask") for X in (X1, X2)):
