@@ -18,6 +18,7 @@ from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Momen
                       OutputBias, Pool, Program, ProgramError, Readout, Repeat, Scan, Transpose,
                       Vector, VectorReadout, Weight, WIDTH, nonlin, repeat, scan)
 from .builders import gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
+from .activations import JumpWarning
 from .derivation import derive
 from .equations import Derivation, Equation, Loop
 from .evaluate import gram
@@ -37,7 +38,7 @@ __all__ = [
     "OutputBias", "Pool", "Program", "ProgramError", "Readout", "Repeat", "Scan", "Transpose",
     "Vector", "VectorReadout", "Weight", "WIDTH", "nonlin", "repeat", "scan", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
     "lstm", "Derivation", "Equation",
-    "Loop", "derive", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
+    "Loop", "derive", "JumpWarning", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
     "monte_carlo", "sample", "convergence", "plot_convergence",
     "Prediction", "Predictor", "gradient_descent_mse", "gp_posterior",
@@ -59,10 +60,12 @@ def compile(derivation, **options):
     return _compile(derivation, **options)
 
 
-def kernel(program, X1, X2=None, mode: str = "gia", params=None) -> KernelResult:
+def kernel(program, X1, X2=None, mode: str = "gia", params=None,
+           jumps: str = "warn") -> KernelResult:
     """One call: derive ``program``, compile it (cached) and return its NNGP/NTK Gram matrices.
 
     Derivations the code generator does not handle yet fall back to the NumPy evaluator.
+    ``jumps``: see :func:`symntk.derive`.
     """
-    k = derive(program, mode=mode).kernel_function(stacklevel=2)
+    k = derive(program, mode=mode, jumps=jumps).kernel_function(stacklevel=2)
     return k(X1, X2, params=params)

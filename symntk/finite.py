@@ -43,6 +43,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import sympy as sp
 
+from .activations import partial_derivative
 from .parametrization import bias_factor, raw_weight_factor
 from .program import (PARAMETRIZATIONS, Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment,
                       Node, Nonlin, OutputBias, Pool, Program, Readout, READOUTS, Scan, Transpose,
@@ -156,10 +157,10 @@ def _param_label(node: Param) -> str:
 def _numeric_function(expr: sp.Expr, variables: tuple[sp.Symbol, ...], what: str) -> Callable:
     """``expr`` as a vectorised numpy function of ``variables``.
 
-    DiracDelta is replaced by 0: at finite width a kink is hit with probability 0, so the almost-
-    everywhere derivative is what reverse mode (and any autograd) computes.
+    Derivatives come from :func:`symntk.activations.partial_derivative`, the one convention for
+    jumps (the derivative almost everywhere: at finite width a jump is hit with probability 0, so
+    it is what reverse mode computes), shared with the derivation.
     """
-    expr = expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
     bad = expr.atoms(sp.Derivative, sp.Subs, sp.Integral)
     if bad:
         raise ValueError(f"{what}: cannot evaluate {sorted(map(str, bad))} numerically")
@@ -181,7 +182,8 @@ def _compile_nonlin(phi: sp.Lambda, binding: tuple[tuple[str, sp.Expr], ...]):
         raise ValueError(f"nonlinearity {phi.expr} has unbound parameter(s) "
                          f"{sorted(s.name for s in stray)}; pass values={{...}}")
     f = _numeric_function(expr, real, f"nonlinearity {phi.expr}")
-    df = tuple(_numeric_function(sp.diff(expr, x), real, f"derivative of {phi.expr}") for x in real)
+    df = tuple(_numeric_function(partial_derivative(expr, x, "nonlinearity"), real,
+                                 f"derivative of {phi.expr}") for x in real)
     return f, df
 
 
