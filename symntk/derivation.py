@@ -249,7 +249,7 @@ def _output_bias_terms(out, nngp, terms: dict):
 def _trained_readout_terms(eng: Engine, out: Readout, unrolled: _Unrolled):
     """f = v . x / sqrt(n): NNGP sigma_v^2 C[x, x'] (TP1 Cor. 5.5); NTK term factor_v C[x, x']."""
     v, x = out.weight, out.vector
-    c_out = eng.expect(eng.z(x, 0) * eng.z(x, 1))
+    c_out = eng.inner(x, x)
     terms = {_param_name(v, unrolled): weight_factor(v.parametrization, v.variance, v.fan_in) * c_out}
     return _output_bias_terms(out, v.variance * c_out, terms)
 
@@ -300,7 +300,7 @@ def _use_pair_at(eng: Engine, u: Node, u2: Node) -> sp.Expr:
         d = eng.expect(eng.dz(u, 0) * eng.dz(u2, 1))
         if d == 0:
             return sp.Integer(0)
-        return ratio * d * eng.expect(eng.z(u.vector, 0) * eng.z(u2.vector, 1))
+        return ratio * d * eng.inner(u.vector, u2.vector)
     # y = W z and y' = W^T z': <g z^T, z' g'^T> = (g . z')(z . g')
     w = u.weight
     ratio = sp.sqrt(w.fan_out / w.fan_in) if not t1 else sp.sqrt(w.fan_in / w.fan_out)

@@ -45,9 +45,9 @@ import sympy as sp
 
 from .activations import partial_derivative
 from .parametrization import bias_factor, raw_weight_factor
-from .program import (PARAMETRIZATIONS, Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment,
-                      Node, Nonlin, OutputBias, Pool, Program, Readout, READOUTS, Scan, Transpose,
-                      VectorReadout, Weight, _children)
+from .program import (PARAMETRIZATIONS, Bias, Carry, Concat, Embedding, FixedReadout,
+                      Input, MatMul, Moment, Node, Nonlin, OutputBias, Pool, Program, Readout,
+                      READOUTS, Scan, Transpose, VectorReadout, Weight, _children)
 from .binding import by_name as _by_name, subs_by_name as _subs
 from .numeric import lambdify
 
@@ -281,8 +281,13 @@ def _fwd_scan(net, node: Scan, env, n):
     return states
 
 
+def _fwd_concat(net, node: Concat, env, n):
+    return np.concatenate([env[v] for v in node.vectors], axis=-1)  # FanInConcat, channel axis
+
+
 _FORWARD = {Input: _fwd_input, Embedding: _fwd_embedding, MatMul: _fwd_matmul, Bias: _fwd_bias,
-            Nonlin: _fwd_nonlin, Moment: _fwd_moment, Pool: _fwd_pool, Scan: _fwd_scan}
+            Nonlin: _fwd_nonlin, Moment: _fwd_moment, Pool: _fwd_pool, Scan: _fwd_scan,
+            Concat: _fwd_concat}
 
 
 class _Env(dict):
@@ -414,8 +419,17 @@ def _bwd_carry(net, node, G, env, tape):
     pass  # handled by the Scan that binds it
 
 
+def _bwd_concat(net, node: Concat, G, env, tape):
+    start = 0                    # each branch gets the cotangent's slice on its coordinates
+    for v in node.vectors:
+        stop = start + net.dim(v)
+        tape.add(v, G[..., start:stop])
+        start = stop
+
+
 _BACKWARD = {Input: _bwd_input, Embedding: _bwd_embedding, MatMul: _bwd_matmul, Bias: _bwd_bias,
-             Nonlin: _bwd_nonlin, Moment: _bwd_moment, Pool: _bwd_pool, Scan: _bwd_scan}
+             Nonlin: _bwd_nonlin, Moment: _bwd_moment, Pool: _bwd_pool, Scan: _bwd_scan,
+             Concat: _bwd_concat}
 
 
 

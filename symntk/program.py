@@ -43,7 +43,8 @@ from .parametrization import PARAMETRIZATIONS
 
 __all__ = [
     "ProgramError", "Node", "Vector", "Input", "Weight", "Transpose", "Embedding", "Bias",
-    "MatMul", "Nonlin", "Moment", "Carry", "Repeat", "Readout", "VectorReadout", "FixedReadout",
+    "MatMul", "Concat", "concat", "Nonlin", "Moment", "Carry", "Repeat", "Readout",
+    "VectorReadout", "FixedReadout",
     "READOUTS", "OutputBias", "Scan", "Pool", "POOLINGS", "scan",
     "Program", "nonlin", "repeat", "PARAMETRIZATIONS", "WIDTH",
 ]
@@ -362,6 +363,9 @@ class MatMul(Vector):
             raise ProgramError(
                 f"dimension mismatch in {matrix.label()} @ {vec.label()}: fan_in {matrix.fan_in} "
                 f"!= vector dimension {vec.dim}")
+        if isinstance(vec, Concat) and isinstance(matrix, Transpose):
+            raise ProgramError(f"{matrix.label()} @ {vec.label()}: a transposed matrix over a "
+                               "concatenation is not supported")
         return super().__new__(cls, matrix, vec, Str(_str(name)))
 
     matrix = property(lambda self: self.args[0])
@@ -391,6 +395,54 @@ class MatMul(Vector):
 
     def label(self):
         return self.name or f"{self.matrix.label()} {self.vector.label()}"
+
+
+class Concat(Vector):
+    """[x_1; ...; x_k]: the vectors stacked into one of dimension n_1 + ... + n_k (Neural
+    Tangents' ``FanInConcat`` on the channel axis), e.g. branches of widths n and 2n.
+
+    Its coordinates do not share one law (a branch's coordinates are that branch's Z), so only a
+    matmul ``W @ concat`` or a readout may read it: W's columns split into independent blocks
+    W_i, and W x = sum_i W_i x_i has Cov(Z^{Wx}, Z^{Wx'}) = sigma_W^2 sum_i (n_i / N) E[Z^{x_i}
+    Z^{x'_i}], N = sum_i n_i: the width-weighted average of the branch kernels.
+    """
+
+    def __new__(cls, *vectors, name: str = ""):
+        if len(vectors) == 1 and isinstance(vectors[0], (list, tuple, Tuple)):
+            vectors = tuple(vectors[0])
+        if len(vectors) < 2:
+            raise ProgramError("Concat needs at least two vectors")
+        for v in vectors:
+            if not isinstance(v, Vector) or isinstance(v, Concat):
+                raise ProgramError(f"Concat stacks width-space vectors (not nested Concats), got "
+                                   f"{getattr(v, 'label', lambda: repr(v))()}")
+            if v.positions is not None:
+                raise ProgramError(f"Concat of {v.label()!r}, a vector indexed by positions "
+                                   f"{v.positions!r}, is not supported: pool it first")
+        return super().__new__(cls, Tuple(*vectors), Str(_str(name)))
+
+    vectors = property(lambda self: tuple(self.args[0]))
+    operands = vectors
+    dim = property(lambda self: sp.Add(*[v.dim for v in self.args[0]]))
+    name = property(lambda self: self.args[1].name or None)
+
+    @property
+    def fractions(self) -> tuple:
+        """n_i / N: the weight of each branch in the kernels of the concatenation."""
+        total = self.dim
+        return tuple(sp.simplify(v.dim / total) for v in self.vectors)
+
+    def named(self, name):
+        return Concat(*self.vectors, name=name)
+
+    def label(self):
+        return self.name or "[" + " | ".join(v.label() for v in self.vectors) + "]"
+
+
+def concat(*vectors, name: str = "") -> Concat:
+    """``concat(x1, x2)``: the vectors stacked (Neural Tangents' ``FanInConcat``), read by a
+    matmul or a readout."""
+    return Concat(*vectors, name=name)
 
 
 class Nonlin(Vector):
@@ -848,6 +900,14 @@ class Program:
                     raise ProgramError(
                         f"two different parameters are both called {node.name!r}: "
                         f"{_describe(other)} vs {_describe(node)}")
+        for node in every:
+            if isinstance(node, (Readout, MatMul)):
+                continue
+            for a in getattr(node, "operands", ()):
+                if isinstance(a, Concat):
+                    raise ProgramError(
+                        f"{node.label()!r} reads the concatenation {a.label()!r}: only a matmul or "
+                        "a readout may (its branches' coordinates have different laws)")
         _check_carries(self.output, frozenset())
         given = {inp.positions for inp in self.inputs} - {None}
         for node in self.nodes:
