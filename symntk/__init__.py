@@ -14,10 +14,10 @@ Quick start::
     print(d.latex())
     k = d.gram(X)          # k.nngp, k.ntk
 """
-from .program import (Bias, Carry, Concat, Embedding, FixedReadout, Input, MatMul, Moment,
-                      Nonlin, OutputBias, Pool, Program, ProgramError, Readout, Repeat, Scan,
-                      Transpose, Vector, VectorReadout, Weight, WIDTH, concat, nonlin, repeat,
-                      scan)
+from .program import (Bias, Carry, Concat, Dropout, Embedding, FixedReadout, Input, MatMul,
+                      Moment, Nonlin, OutputBias, Pool, Program, ProgramError, Readout, Repeat,
+                      Scan, Transpose, Vector, VectorReadout, Weight, WIDTH, concat, dropout,
+                      nonlin, repeat, scan)
 from .builders import gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
 from .activations import JumpWarning
 from .derivation import derive
@@ -35,10 +35,10 @@ from . import examples
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bias", "Carry", "Concat", "Embedding", "FixedReadout", "Input", "MatMul", "Moment",
+    "Bias", "Carry", "Concat", "Dropout", "Embedding", "FixedReadout", "Input", "MatMul", "Moment",
     "Nonlin",
     "OutputBias", "Pool", "Program", "ProgramError", "Readout", "Repeat", "Scan", "Transpose",
-    "Vector", "VectorReadout", "Weight", "WIDTH", "concat", "nonlin", "repeat", "scan", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
+    "Vector", "VectorReadout", "Weight", "WIDTH", "concat", "dropout", "nonlin", "repeat", "scan", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
     "lstm", "Derivation", "Equation",
     "Loop", "derive", "JumpWarning", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",

@@ -45,7 +45,7 @@ import sympy as sp
 
 from .activations import partial_derivative
 from .parametrization import bias_factor, raw_weight_factor
-from .program import (PARAMETRIZATIONS, Bias, Carry, Concat, Embedding, FixedReadout,
+from .program import (PARAMETRIZATIONS, Bias, Carry, Concat, Dropout, Embedding, FixedReadout,
                       Input, MatMul, Moment, Node, Nonlin, OutputBias, Pool, Program, Readout,
                       READOUTS, Scan, Transpose, VectorReadout, Weight, _children)
 from .binding import by_name as _by_name, subs_by_name as _subs
@@ -285,9 +285,20 @@ def _fwd_concat(net, node: Concat, env, n):
     return np.concatenate([env[v] for v in node.vectors], axis=-1)  # FanInConcat, channel axis
 
 
+def _fwd_dropout(net, node: Dropout, env, n):
+    """m x / keep with a fresh Bernoulli(keep) mask per example and coordinate (NT's train mode);
+    the mask is kept for the backward pass.  Masks come from the network's own mask stream, so
+    two passes (X1, then X2) draw independent masks and one pass (X2 = None) shares them."""
+    keep = 1 - _number(node.rate, net._binding, f"rate of {node.label()}")
+    x = env[node.vector]
+    mask = net._mask_rng.random(x.shape) < keep
+    env[("mask", node)] = mask / keep
+    return x * env[("mask", node)]
+
+
 _FORWARD = {Input: _fwd_input, Embedding: _fwd_embedding, MatMul: _fwd_matmul, Bias: _fwd_bias,
             Nonlin: _fwd_nonlin, Moment: _fwd_moment, Pool: _fwd_pool, Scan: _fwd_scan,
-            Concat: _fwd_concat}
+            Concat: _fwd_concat, Dropout: _fwd_dropout}
 
 
 class _Env(dict):
@@ -427,9 +438,13 @@ def _bwd_concat(net, node: Concat, G, env, tape):
         start = stop
 
 
+def _bwd_dropout(net, node: Dropout, G, env, tape):
+    tape.add(node.vector, G * env[("mask", node)])
+
+
 _BACKWARD = {Input: _bwd_input, Embedding: _bwd_embedding, MatMul: _bwd_matmul, Bias: _bwd_bias,
              Nonlin: _bwd_nonlin, Moment: _bwd_moment, Pool: _bwd_pool, Scan: _bwd_scan,
-             Concat: _bwd_concat}
+             Concat: _bwd_concat, Dropout: _bwd_dropout}
 
 
 
@@ -578,6 +593,9 @@ class FiniteNetwork:
         self._dims: dict[Node, int] = {}
         self._labels = {_param_label(p): p for p in params}
         self._inner = _scan_structure(program)
+        # dropout masks: a stream of their own, so the parameters do not depend on it
+        self._mask_rng = np.random.default_rng(
+            [int(seed), 1] if isinstance(seed, (int, np.integer)) else None)
 
     # -- structure -------------------------------------------------------------------------
     @property

@@ -36,7 +36,7 @@ from typing import Callable
 import sympy as sp
 
 from .activations import partial_derivative
-from .program import (Bias, Carry, Concat, Embedding, FixedReadout, Input, MatMul, Moment, Node,
+from .program import (Bias, Carry, Concat, Dropout, Embedding, FixedReadout, Input, MatMul, Moment, Node,
                       Nonlin, Pool, Program, Readout, Scan, VectorReadout)
 
 __all__ = ["Atom", "KernelKey", "SymbolInfo", "Engine", "FORWARD", "COTANGENT"]
@@ -78,6 +78,23 @@ class Part:
     @property
     def variance(self) -> sp.Expr:
         return self.block.variance * self.fraction
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A block (W^T, or a readout weight) read through a dropout mask of keep rate ``keep``."""
+    block: object
+    keep: sp.Expr
+
+    @property
+    def variance(self) -> sp.Expr:
+        return self.block.variance
+
+
+def _same_example(eng: "Engine", A: "Atom", B: "Atom", keep) -> sp.Expr:
+    """E[m_i m_j] / keep^2 for the dropout masks of copies i, j: 1 / keep for one example (one
+    mask), 1 for two (independent masks; Neural Tangents' Dropout in train mode)."""
+    return 1 / keep if A.copy == B.copy else sp.Integer(1)
 
 
 @dataclass(frozen=True)
@@ -372,8 +389,9 @@ class Engine:
         if not self.exact:
             return hat
         A = self.atoms[hat]
-        if isinstance(A.node, MatMul) and isinstance(A.node.vector, Concat):
-            raise NotImplementedError(f"exact mode over the concatenation {A.node.vector.label()!r}")
+        if isinstance(A.node, MatMul) and isinstance(A.node.vector, (Concat, Dropout)):
+            raise NotImplementedError(f"exact mode over {A.node.vector.label()!r} (a concatenation "
+                                      "or a dropout)")
         transpose = A.block.T
         variance = A.block.variance
         terms = []
@@ -440,9 +458,28 @@ class Engine:
                 f"Z_{self.label(node)}_{tag}" + ("" if copy is None else f"_{copy}"))
         return self._atom_of[key]
 
+    def dropout_atom(self, drop: Dropout, use, copy: int) -> sp.Symbol:
+        """The cotangent of x through y = dropout(x) read by ``use`` (y = W y or a readout):
+        dx = (m / keep) W^T dy (or (m / keep) v), a Gaussian given the masks, of covariance
+        sigma^2 E[dy dy'] times 1/keep for one example and 1 for two (:func:`_same_example`)."""
+        copy = 0 if self.same_input else copy
+        if isinstance(use, MatMul):
+            return self._read_atom(("bwd-drop", use, copy), drop.vector,
+                                   Masked(use.matrix, drop.keep), copy, self.dz(use, copy),
+                                   _cov_cotangent_dropout,
+                                   2 * len(self.nodes) - self.position[use], "Tm")
+        return self._read_atom(("readout-drop", use.weight, copy), drop.vector,
+                               Masked(use.weight, drop.keep), copy, None, _cov_readout_dropout,
+                               -1, "vm")
+
     def inner(self, x: Node, y: Node) -> sp.Expr:
         """lim x(xi) . y(xi') / N for vectors of the copies 0 and 1: E[Z^x_0 Z^y_1], or for
         concatenations sum_i (n_i / N) E[Z^{x_i}_0 Z^{y_i}_1] (branch by branch)."""
+        if isinstance(x, Dropout) or isinstance(y, Dropout):
+            if x != y:
+                raise NotImplementedError(f"one matrix multiplies {x.label()!r} and {y.label()!r}")
+            factor = 1 / x.keep if self.same_input else sp.Integer(1)
+            return factor * self.expect(self.z(x.vector, 0) * self.z(y.vector, 1))
         if not isinstance(x, Concat) and not isinstance(y, Concat):
             return self.expect(self.z(x, 0) * self.z(y, 1))
         if not (isinstance(x, Concat) and isinstance(y, Concat)
@@ -889,8 +926,31 @@ def _cov_cotangent_part(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
     return A.block.variance * eng.expect(A.arg * B.arg)
 
 
+def _cov_matmul_dropout(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """W (m x / keep): Cov = sigma_W^2 E[m_i m_j] / keep^2 E[Z^x_i Z^x_j] (:func:`_same_example`)."""
+    return A.block.variance * _same_example(eng, A, B, A.node.vector.keep) * \
+        eng.expect(A.arg * B.arg)
+
+
+def _cov_cotangent_dropout(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """dx = (m / keep) sqrt(n_x / n_y) W^T dy: sigma_W^2 E[dy dy'] times the mask factor."""
+    return A.block.block.variance * _same_example(eng, A, B, A.block.keep) * \
+        eng.expect(A.arg * B.arg)
+
+
+def _cov_readout_dropout(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """dx = (m / keep) v for f = v . (m x / keep) / sqrt(n): sigma_v^2 times the mask factor."""
+    return A.block.variance * _same_example(eng, A, B, A.block.keep)
+
+
 def _z_matmul(eng: Engine, node: MatMul, copy: int, pos) -> sp.Expr:
     tag = eng.pos_tag(pos)
+    if isinstance(node.vector, Dropout):
+        arg = eng.z(node.vector.vector, copy, pos)
+        return eng.with_zdot(eng.new_atom(
+            Atom("base", node, copy, block=node.matrix, arg=arg, order=eng.position[node],
+                 covariance=_cov_matmul_dropout, pos=pos), f"Zhat_{eng.label(node)}_{copy}{tag}"),
+            f"Z_{eng.label(node)}_{copy}{tag}")
     if isinstance(node.vector, Concat):
         arg = sp.Tuple(*[eng.z(v, copy, pos) for v in node.vector.vectors])
         return eng.with_zdot(eng.new_atom(
@@ -943,8 +1003,8 @@ def _z_pool(eng: Engine, node: Pool, copy: int, pos) -> sp.Expr:
 
 
 def _concat_forward(eng: Engine, node: Node, copy: int, pos):
-    raise TypeError(f"the concatenation {node.label()!r} has no single Z (its branches' "
-                    "coordinates have different laws): only a matmul or a readout reads it")
+    raise TypeError(f"{node.label()!r} (a concatenation or a dropout) has no Z of its own: only "
+                    "a matmul or a readout reads it")
 
 
 FORWARD: dict[type, Callable] = {
@@ -958,6 +1018,7 @@ FORWARD: dict[type, Callable] = {
     Carry: lambda eng, node, copy, pos: eng.z(eng.state_of[node], copy, pos - 1),
     Pool: _z_pool,
     Concat: _concat_forward,
+    Dropout: _concat_forward,
 }
 
 
@@ -998,6 +1059,16 @@ def _dz_concat(eng: Engine, c: Concat, node: Node, copy: int, pos) -> sp.Expr:
     return out
 
 
+def _dz_dropout(eng: Engine, c: Dropout, node: Node, copy: int, pos) -> sp.Expr:
+    """y = m x / keep: dx = (m / keep) dy, through each reader a Gaussian given the masks."""
+    out = sp.Integer(0)
+    for use in eng.consumers[c]:
+        if not isinstance(use, (MatMul, Readout)):
+            raise TypeError(f"{use.label()!r} reads the dropout {c.label()!r}")
+        out += eng.dropout_atom(c, use, copy)
+    return out
+
+
 def _dz_vector_readout(eng: Engine, c: VectorReadout, node: Node, copy: int, pos) -> sp.Expr:
     """f = u . h / sqrt(n): dh gets Z^u and du gets Z^h."""
     out = sp.Integer(0)
@@ -1020,6 +1091,7 @@ COTANGENT: dict[type, Callable] = {
     FixedReadout: lambda eng, c, node, copy, pos: sp.Integer(1),
     Pool: _dz_pool,
     Concat: _dz_concat,
+    Dropout: _dz_dropout,
     # the state s^t is the value of the Scan's body at t
     Scan: lambda eng, c, node, copy, pos: eng.dz(c, copy, pos),
     # s^t is read at t + 1 through the carry (TP2 Eq. 15: ds^{t-1} = W^T dg^t); nothing after T
