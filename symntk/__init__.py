@@ -62,12 +62,17 @@ def compile(derivation, **options):
     return _compile(derivation, **options)
 
 
-def kernel(program, X1, X2=None, mode: str = "gia", params=None,
-           jumps: str = "warn") -> KernelResult:
+def kernel(program, X1, X2=None, mode: str = "gia", params=None, jumps: str = "warn",
+           mask1=None, mask2=None) -> KernelResult:
     """One call: derive ``program``, compile it (cached) and return its NNGP/NTK Gram matrices.
 
     Derivations the code generator does not handle yet fall back to the NumPy evaluator.
-    ``jumps``: see :func:`symntk.derive`.
+    ``jumps``: see :func:`symntk.derive`.  ``mask1``/``mask2`` (N, T): sequences of different
+    lengths padded into one batch, 1 on tokens and 0 on the padding after them
+    (:mod:`symntk.masks`): the kernels of the unpadded sequences.
     """
     k = derive(program, mode=mode, jumps=jumps).kernel_function(stacklevel=2)
-    return k(X1, X2, params=params)
+    if mask1 is None and mask2 is None:
+        return k(X1, X2, params=params)
+    from .masks import masked_gram
+    return masked_gram(k, X1, X2, mask1, mask2, params=params)

@@ -986,7 +986,8 @@ class EmpiricalNTK:
 
 
 def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None,
-                  method: str = "structured", values=None) -> EmpiricalNTK:
+                  method: str = "structured", values=None, mask1=None,
+                  mask2=None) -> "EmpiricalNTK":
     """Theta_n(x_i, x'_j) = sum_theta <dF(x_i)/d theta, dF(x'_j)/d theta> at initialization.
 
     ``program`` is a Program (sampled here with ``width``/``seed``) or a :class:`FiniteNetwork`.
@@ -1002,6 +1003,10 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
 
     ``method="jacobian"`` materialises the per-example trained-parameter Jacobian J (one parameter
     block at a time) and returns J1 J2^T: memory O(N * #params).  It is the test oracle.
+
+    ``mask1``/``mask2`` (N, T): padded batches of sequences of different lengths (1 on tokens, 0
+    on the padding after them); the same network runs on each sequence cut to its length
+    (:mod:`symntk.masks`), so the padding takes no part in pooling or the recurrence.
     """
     if isinstance(program, FiniteNetwork):
         net = program
@@ -1009,7 +1014,21 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
         if width is None:
             raise ValueError("empirical_ntk needs width=... to sample the program")
         net = sample(program, width, seed, parametrization, _infer_input_dim(program, X1), values)
-    return net.ntk(X1, X2, method=method, parametrization=parametrization)
+    if mask1 is None and mask2 is None:
+        return net.ntk(X1, X2, method=method, parametrization=parametrization)
+    from .masks import masked_gram, masked_outputs
+    from .result import KernelResult
+
+    def block(A, B):
+        e = net.ntk(A, B, method=method, parametrization=parametrization)
+        return KernelResult(None, e.ntk, e.contributions)
+    r = masked_gram(block, X1, X2, mask1, mask2)
+    X1 = np.asarray(X1, dtype=np.float64)
+    out1 = masked_outputs(net, X1, mask1)
+    out2 = out1 if X2 is None else masked_outputs(net, np.asarray(X2, dtype=np.float64), mask2)
+    return EmpiricalNTK(ntk=r.ntk, outputs1=out1, outputs2=out2, contributions=r.ntk_terms,
+                        dims=net.dims, seed=net.seed,
+                        parametrization=parametrization or net.parametrization, method=method)
 
 
 @dataclass(frozen=True)
