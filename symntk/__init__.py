@@ -14,10 +14,12 @@ Quick start::
     print(d.latex())
     k = d.gram(X)          # k.nngp, k.ntk
 """
-from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment, Nonlin,
-                      OutputBias, Pool, Program, ProgramError, Readout, Repeat, Scan, Transpose,
-                      Vector, VectorReadout, Weight, WIDTH, nonlin, repeat, scan)
+from .program import (Bias, Carry, Concat, Dropout, Embedding, FixedReadout, Input, MatMul,
+                      Moment, Nonlin, OutputBias, Pool, Program, ProgramError, Readout, Repeat,
+                      Scan, Transpose, Vector, VectorReadout, Weight, WIDTH, concat, dropout,
+                      nonlin, repeat, scan)
 from .builders import gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
+from .activations import JumpWarning
 from .derivation import derive
 from .equations import Derivation, Equation, Loop
 from .evaluate import gram
@@ -33,11 +35,12 @@ from . import examples
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bias", "Carry", "Embedding", "FixedReadout", "Input", "MatMul", "Moment", "Nonlin",
+    "Bias", "Carry", "Concat", "Dropout", "Embedding", "FixedReadout", "Input", "MatMul", "Moment",
+    "Nonlin",
     "OutputBias", "Pool", "Program", "ProgramError", "Readout", "Repeat", "Scan", "Transpose",
-    "Vector", "VectorReadout", "Weight", "WIDTH", "nonlin", "repeat", "scan", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
+    "Vector", "VectorReadout", "Weight", "WIDTH", "concat", "dropout", "nonlin", "repeat", "scan", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
     "lstm", "Derivation", "Equation",
-    "Loop", "derive", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
+    "Loop", "derive", "JumpWarning", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
     "monte_carlo", "sample", "convergence", "plot_convergence",
     "Prediction", "Predictor", "gradient_descent_mse", "gp_posterior",
@@ -59,10 +62,17 @@ def compile(derivation, **options):
     return _compile(derivation, **options)
 
 
-def kernel(program, X1, X2=None, mode: str = "gia", params=None) -> KernelResult:
+def kernel(program, X1, X2=None, mode: str = "gia", params=None, jumps: str = "warn",
+           mask1=None, mask2=None) -> KernelResult:
     """One call: derive ``program``, compile it (cached) and return its NNGP/NTK Gram matrices.
 
     Derivations the code generator does not handle yet fall back to the NumPy evaluator.
+    ``jumps``: see :func:`symntk.derive`.  ``mask1``/``mask2`` (N, T): sequences of different
+    lengths padded into one batch, 1 on tokens and 0 on the padding after them
+    (:mod:`symntk.masks`): the kernels of the unpadded sequences.
     """
-    k = derive(program, mode=mode).kernel_function(stacklevel=2)
-    return k(X1, X2, params=params)
+    k = derive(program, mode=mode, jumps=jumps).kernel_function(stacklevel=2)
+    if mask1 is None and mask2 is None:
+        return k(X1, X2, params=params)
+    from .masks import masked_gram
+    return masked_gram(k, X1, X2, mask1, mask2, params=params)

@@ -10,9 +10,16 @@ the heads that appear here (``Max(0, .)``, ``Heaviside``, ``erf``, ``exp``, ...)
 Kinked activations are written with ``Max(0, .)`` on purpose: with a *real* symbol
 SymPy differentiates ``Max(0, x)`` to ``Heaviside(x)`` and ``Max(0, -x)`` to
 ``-Heaviside(-x)``, so derivatives and expectations reduce to the ReLU/step entries
-of the closed-form table.  The weak derivative of a step, ``DiracDelta``, is not
-polynomially bounded; TP2 Cor. 7.3 needs polynomially bounded (weak) derivatives
-for the NTK, so :func:`derivative` rejects it.
+of the closed-form table.
+
+**Jumps.**  A discontinuous activation (``sign``, ``Heaviside``/``step``, ``floor``,
+``ceiling``, a ``Piecewise`` whose pieces do not meet) has a weak derivative with a
+``DiracDelta`` at each jump, which is not polynomially bounded (TP2 Cor. 7.3 asks for it) and
+would make the NTK's diagonal infinite.  symntk uses one convention everywhere instead: the
+derivative *almost everywhere* (:func:`partial_derivative` drops the Dirac part), which is what
+reverse-mode autodiff computes on a finite network (a jump is hit with probability zero) and what
+Neural Tangents' ``stax.Sign`` uses (its NTK has a zero derivative term).  :func:`jump_points`
+finds the jumps symbolically so that ``derive`` can say which nonlinearities had one.
 
 User formulas (command line, files) are read by :func:`parse_formula`, a tokenizer
 plus recursive-descent parser over a whitelist.  It never calls ``eval``,
@@ -21,6 +28,7 @@ plus recursive-descent parser over a whitelist.  It never calls ``eval``,
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from types import MappingProxyType
@@ -28,7 +36,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import sympy
 
-__all__ = ["X", "ACTIVATIONS", "activation", "parse_formula", "derivative"]
+__all__ = ["X", "ACTIVATIONS", "activation", "parse_formula", "derivative", "partial_derivative",
+           "jump_points", "JumpWarning"]
 
 #: The canonical activation variable.  ``real=True`` matters: it is what makes
 #: ``diff(Max(0, x))`` come out as ``Heaviside(x)`` and ``diff(Abs(x))`` as ``sign(x)``.
@@ -213,6 +222,8 @@ _FUNCTIONS: Mapping[str, _Fn] = MappingProxyType(
         "Heaviside": _Fn(1, sympy.Heaviside),
         "step": _Fn(1, sympy.Heaviside),
         "relu": _Fn(1, lambda z: sympy.Max(0, z)),
+        "floor": _Fn(1, sympy.floor),
+        "ceil": _Fn(1, sympy.ceiling),
         "sigmoid": _Fn(1, _sigmoid),
     }
 )
@@ -411,7 +422,7 @@ def parse_formula(text: str, variables: Sequence[str] = ("x",)) -> sympy.Expr:
     :data:`X`), the constants ``pi`` and ``E``, the operators ``+ - * / ** ^``
     (``^`` is power), parentheses, unary signs, and the whitelisted functions
     ``exp log sqrt sin cos tan tanh sinh cosh erf erfc Abs/abs sign Max/max Min/min
-    Heaviside/step relu sigmoid``.  ``relu(z)`` becomes ``Max(0, z)`` and
+    Heaviside/step floor ceil relu sigmoid``.  ``relu(z)`` becomes ``Max(0, z)`` and
     ``sigmoid(z)`` becomes ``1/(1 + exp(-z))``.
 
     Anything else raises :class:`ValueError` naming the offending token and its
@@ -501,18 +512,36 @@ def activation(spec: str | sympy.Expr | sympy.Lambda) -> sympy.Expr:
     raise TypeError(f"cannot make an activation from {type(spec).__name__}: {spec!r}")
 
 
-# A derivative holding one of these heads is not an ordinary polynomially bounded function.
-_NOT_DIFFERENTIABLE = (sympy.DiracDelta, sympy.Derivative, sympy.Subs)
+# A derivative still holding one of these heads is not an ordinary function.
+_NOT_DIFFERENTIABLE = (sympy.Derivative, sympy.Subs)
+
+#: Integer-valued steps: piecewise constant, jumping wherever their argument crosses an integer.
+_INTEGER_STEPS = (sympy.floor, sympy.ceiling)
+
+
+class JumpWarning(UserWarning):
+    """A nonlinearity jumps: its NTK uses the derivative almost everywhere (zero at the jump)."""
+
+
+def _without_frac(expr: sympy.Expr) -> sympy.Expr:
+    return expr.replace(lambda e: isinstance(e, sympy.frac),
+                        lambda e: e.args[0] - sympy.floor(e.args[0]))
 
 
 def partial_derivative(expr: sympy.Expr, var: sympy.Symbol, what: str) -> sympy.Expr:
-    """``d expr / d var``, refused unless it is an ordinary function.
+    """``d expr / d var`` almost everywhere.
 
-    The NTK needs the weak derivatives of every nonlinearity polynomially bounded (TP2 Cor. 7.3),
-    so a derivative containing ``DiracDelta`` (a jump, as in ``step`` or ``sign``), an unevaluated
-    ``Derivative`` or a ``Subs`` raises :class:`ValueError` naming ``what``.
+    The Dirac part of the weak derivative (``DiracDelta`` at the jumps of ``sign``, ``Heaviside``;
+    SymPy already differentiates a ``Piecewise`` piece by piece) is dropped and the derivative of
+    ``floor``/``ceiling`` is 0: the derivative autodiff computes at finite width and Neural Tangents'
+    ``Sign`` uses.  An unevaluated ``Derivative`` or ``Subs`` of anything else raises
+    :class:`ValueError` naming ``what``.  Which activations jump is :func:`jump_points`' business.
     """
-    d = sympy.diff(expr, var)
+    d = sympy.diff(_without_frac(expr), var)
+    d = d.replace(lambda e: isinstance(e, sympy.DiracDelta), lambda e: sympy.S.Zero)
+    d = d.replace(lambda e: isinstance(e, sympy.Derivative) and isinstance(e.expr, _INTEGER_STEPS),
+                  lambda e: sympy.S.Zero)
+    d = d.replace(lambda e: isinstance(e, sympy.Subs) and e.expr == 0, lambda e: sympy.S.Zero)
     bad = sorted({type(a).__name__ for a in d.atoms(*_NOT_DIFFERENTIABLE)})
     if bad:
         raise ValueError(f"{what} {expr} is not differentiable in the sense the NTK needs: "
@@ -520,11 +549,52 @@ def partial_derivative(expr: sympy.Expr, var: sympy.Symbol, what: str) -> sympy.
     return d
 
 
+_EPS = sympy.Symbol("epsilon", positive=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def jump_points(expr: sympy.Expr, var: sympy.Symbol) -> tuple[sympy.Expr, ...]:
+    """Where ``expr`` jumps as a function of ``var``: a tuple of conditions, ``Eq(x, 0)`` for a
+    point, ``Contains(u, Integers)`` for a ``floor``/``ceiling`` of u (it jumps wherever u is an
+    integer).  Empty for a continuous function.
+
+    Candidates are the zeros of the arguments of ``Heaviside`` and ``sign`` and the boundaries of
+    ``Piecewise`` conditions; a candidate p is a jump when the one-sided limits
+    lim_{eps -> 0+} expr(p -+ eps) differ (so ``x sign(x)`` and ``Max(0, x)`` are not jumps).
+    A difference SymPy cannot prove zero counts as a jump.
+    """
+    expr = _without_frac(expr)
+    found: list[sympy.Expr] = [sympy.Contains(a.args[0], sympy.Integers)
+                               for a in expr.atoms(*_INTEGER_STEPS) if var in a.free_symbols]
+    edges = [a.args[0] for a in expr.atoms(sympy.Heaviside, sympy.sign)]
+    edges += [r.lhs - r.rhs for pw in expr.atoms(sympy.Piecewise) for _, cond in pw.args
+              for r in (cond.atoms(sympy.core.relational.Relational) if cond is not sympy.true else ())]
+    points = []
+    for edge in edges:
+        if var not in edge.free_symbols:
+            continue
+        try:
+            roots = sympy.solve(edge, var)
+        except NotImplementedError:
+            roots = []
+        points.extend(r for r in roots if r not in points and r.is_extended_real is not False)
+    for p in points:
+        try:
+            left = sympy.limit(expr.subs(var, p - _EPS), _EPS, 0, "+")
+            right = sympy.limit(expr.subs(var, p + _EPS), _EPS, 0, "+")
+            jump = sympy.simplify(right - left) != 0
+        except (NotImplementedError, ValueError, TypeError):
+            jump = True
+        if jump:
+            found.append(sympy.Eq(var, p))
+    return tuple(found)
+
+
 def derivative(spec: str | sympy.Expr | sympy.Lambda) -> sympy.Expr:
     """``phi'(x) = d phi / dx`` for any ``spec`` accepted by :func:`activation`.
 
-    With the real :data:`X`, ``relu' = Heaviside(x)``, ``|x|' = sign(x)`` and
-    ``leaky_relu' = Heaviside(x) + alpha*Heaviside(-x)``; see :func:`partial_derivative` for
-    what is refused.
+    With the real :data:`X`, ``relu' = Heaviside(x)``, ``|x|' = sign(x)``,
+    ``leaky_relu' = Heaviside(x) + alpha*Heaviside(-x)`` and ``step' = sign' = 0`` (almost
+    everywhere, see :func:`partial_derivative`).
     """
     return partial_derivative(activation(spec), X, "activation")

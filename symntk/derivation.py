@@ -27,11 +27,15 @@ import sympy as sp
 
 from .equations import Derivation, Equation, Loop
 from .parametrization import bias_factor, weight_factor
-from .program import (Carry, Embedding, FixedReadout, MatMul, Node, Program, ProgramError, Readout,
-                      Repeat, VectorReadout, Weight)
+from .activations import JumpWarning, jump_points
+from .program import (Carry, Embedding, FixedReadout, MatMul, Moment, Node, Nonlin, Program,
+                      ProgramError, Readout, Repeat, VectorReadout, Weight, _topological)
 from .zcalculus import LENGTH, POSITION_INDEX, Engine
 
-__all__ = ["derive", "FOLD_ITERATIONS"]
+__all__ = ["derive", "FOLD_ITERATIONS", "JUMPS", "nonlinearity_jumps"]
+
+#: What ``derive`` does when a nonlinearity jumps (its NTK uses the derivative almost everywhere).
+JUMPS = ("warn", "error", "ignore")
 
 #: Iterations unrolled to recognise a recursion (one peeled at each end plus two to compare).
 FOLD_ITERATIONS = 4
@@ -94,7 +98,43 @@ def _tag(template, inst, rep: Repeat, key: Repeat, k: int, tags: dict):
 
 
 # ----------------------------------------------------------------------------------- derive
-def derive(program: Program, mode: str = "gia", fold: bool = True) -> Derivation:
+def nonlinearity_jumps(program: Program) -> tuple:
+    """The nonlinearities of ``program`` (Repeat and Scan bodies included) that jump in one of
+    their arguments, as ``(label, phi, jump points)`` triples (see
+    :func:`symntk.activations.jump_points`)."""
+    every = list(program.nodes)
+    for rep in program.repeats:
+        every.extend(_topological(rep.body))
+    found = {}
+    for node in every:
+        if not isinstance(node, (Nonlin, Moment)):
+            continue
+        fn = node.phi if isinstance(node, Nonlin) else node.psi
+        points = tuple(p for var in fn.variables for p in jump_points(fn.expr, var))
+        if points:
+            found.setdefault((node.label(), fn.expr), points)
+    return tuple((label, expr, points) for (label, expr), points in found.items())
+
+
+def _check_jumps(program: Program, jumps: str) -> tuple:
+    if jumps not in JUMPS:
+        raise ValueError(f"unknown jumps={jumps!r}; expected one of {JUMPS}")
+    found = nonlinearity_jumps(program)
+    if found and jumps != "ignore":
+        what = "; ".join(f"{label!r} ({expr}) at {', '.join(map(str, pts))}"
+                         for label, expr, pts in found)
+        message = (f"nonlinearities with jumps: {what}. Their NTK uses the derivative almost "
+                   "everywhere (zero at the jump, as autodiff and Neural Tangents' Sign); the "
+                   "weak derivative's Dirac part is not polynomially bounded (TP2 Cor. 7.3)")
+        if jumps == "error":
+            raise ValueError(message + " (pass jumps='warn' to derive anyway)")
+        import warnings
+        warnings.warn(message, JumpWarning, stacklevel=3)
+    return found
+
+
+def derive(program: Program, mode: str = "gia", fold: bool = True,
+           jumps: str = "warn") -> Derivation:
     """Derive the NNGP and NTK recursions of ``program`` (TP2 Box 1, Eq. 12).
 
     ``mode="gia"``: backprop matrices W^T are independent of W (TP2 Heuristic 4.1); correct
@@ -102,11 +142,18 @@ def derive(program: Program, mode: str = "gia", fold: bool = True) -> Derivation
     Master Theorem, every MatMul output Zhat + Zdot (TP3 Box 1, Thm 2.10); identical to GIA on
     BP-like programs (TP2 Def. A.3, Thm 7.2).
     ``fold=False`` keeps every iteration of every Repeat.
+
+    ``jumps``: a discontinuous nonlinearity (sign, step, floor, a Piecewise jump) is differentiated
+    almost everywhere (zero at the jump: what autodiff computes at finite width and Neural
+    Tangents' ``Sign`` uses) and recorded in ``Derivation.jumps``; ``"warn"`` (default) also
+    issues a :class:`~symntk.activations.JumpWarning`, ``"error"`` raises instead, ``"ignore"``
+    is silent.
     """
     if mode not in ("gia", "exact"):
         raise ValueError(f"unknown mode {mode!r}; expected 'gia' or 'exact'")
     if not isinstance(program, Program):
         raise TypeError(f"derive needs a Program, got {type(program).__name__}")
+    found = _check_jumps(program, jumps)
     engine_mode = mode
     if mode == "exact" and any(inp.positions for inp in program.inputs):
         # Over positions the Zdot sums of TP3 Box 1 run over every position of a shared weight.
@@ -121,9 +168,9 @@ def derive(program: Program, mode: str = "gia", fold: bool = True) -> Derivation
         engine_mode = "gia"
     positions = (*POSITION_INDEX, *LENGTH)
     diagonal = replace(_derive(program, engine_mode, fold, same_input=True), mode=mode,
-                       position_symbols=positions)
+                       position_symbols=positions, jumps=found)
     return replace(_derive(program, engine_mode, fold, same_input=False), mode=mode,
-                   diagonal=diagonal, position_symbols=positions)
+                   diagonal=diagonal, position_symbols=positions, jumps=found)
 
 
 def _derive(program: Program, mode: str, fold: bool, same_input: bool) -> Derivation:
@@ -202,7 +249,7 @@ def _output_bias_terms(out, nngp, terms: dict):
 def _trained_readout_terms(eng: Engine, out: Readout, unrolled: _Unrolled):
     """f = v . x / sqrt(n): NNGP sigma_v^2 C[x, x'] (TP1 Cor. 5.5); NTK term factor_v C[x, x']."""
     v, x = out.weight, out.vector
-    c_out = eng.expect(eng.z(x, 0) * eng.z(x, 1))
+    c_out = eng.inner(x, x)
     terms = {_param_name(v, unrolled): weight_factor(v.parametrization, v.variance, v.fan_in) * c_out}
     return _output_bias_terms(out, v.variance * c_out, terms)
 
@@ -253,7 +300,7 @@ def _use_pair_at(eng: Engine, u: Node, u2: Node) -> sp.Expr:
         d = eng.expect(eng.dz(u, 0) * eng.dz(u2, 1))
         if d == 0:
             return sp.Integer(0)
-        return ratio * d * eng.expect(eng.z(u.vector, 0) * eng.z(u2.vector, 1))
+        return ratio * d * eng.inner(u.vector, u2.vector)
     # y = W z and y' = W^T z': <g z^T, z' g'^T> = (g . z')(z . g')
     w = u.weight
     ratio = sp.sqrt(w.fan_out / w.fan_in) if not t1 else sp.sqrt(w.fan_in / w.fan_out)

@@ -63,6 +63,9 @@ class Derivation:
     closed_forms: bool = False
     diagonal: "Derivation | None" = None   # the same system for k(xi, xi): exact diagonals
     position_symbols: tuple = ()           # position indices and lengths (t, r, T, Tbar)
+    #: nonlinearities that jump, as (label, phi, jump points): their NTK uses the derivative
+    #: almost everywhere (zero at the jump), as autodiff and Neural Tangents' Sign do
+    jumps: tuple = ()
     _reduced: object = field(default=None, repr=False, compare=False)
 
     def reduced(self) -> "Derivation":

@@ -43,10 +43,11 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import sympy as sp
 
+from .activations import partial_derivative
 from .parametrization import bias_factor, raw_weight_factor
-from .program import (PARAMETRIZATIONS, Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment,
-                      Node, Nonlin, OutputBias, Pool, Program, Readout, READOUTS, Scan, Transpose,
-                      VectorReadout, Weight, _children)
+from .program import (PARAMETRIZATIONS, Bias, Carry, Concat, Dropout, Embedding, FixedReadout,
+                      Input, MatMul, Moment, Node, Nonlin, OutputBias, Pool, Program, Readout,
+                      READOUTS, Scan, Transpose, VectorReadout, Weight, _children)
 from .binding import by_name as _by_name, subs_by_name as _subs
 from .numeric import lambdify
 
@@ -156,10 +157,10 @@ def _param_label(node: Param) -> str:
 def _numeric_function(expr: sp.Expr, variables: tuple[sp.Symbol, ...], what: str) -> Callable:
     """``expr`` as a vectorised numpy function of ``variables``.
 
-    DiracDelta is replaced by 0: at finite width a kink is hit with probability 0, so the almost-
-    everywhere derivative is what reverse mode (and any autograd) computes.
+    Derivatives come from :func:`symntk.activations.partial_derivative`, the one convention for
+    jumps (the derivative almost everywhere: at finite width a jump is hit with probability 0, so
+    it is what reverse mode computes), shared with the derivation.
     """
-    expr = expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
     bad = expr.atoms(sp.Derivative, sp.Subs, sp.Integral)
     if bad:
         raise ValueError(f"{what}: cannot evaluate {sorted(map(str, bad))} numerically")
@@ -181,7 +182,8 @@ def _compile_nonlin(phi: sp.Lambda, binding: tuple[tuple[str, sp.Expr], ...]):
         raise ValueError(f"nonlinearity {phi.expr} has unbound parameter(s) "
                          f"{sorted(s.name for s in stray)}; pass values={{...}}")
     f = _numeric_function(expr, real, f"nonlinearity {phi.expr}")
-    df = tuple(_numeric_function(sp.diff(expr, x), real, f"derivative of {phi.expr}") for x in real)
+    df = tuple(_numeric_function(partial_derivative(expr, x, "nonlinearity"), real,
+                                 f"derivative of {phi.expr}") for x in real)
     return f, df
 
 
@@ -279,8 +281,24 @@ def _fwd_scan(net, node: Scan, env, n):
     return states
 
 
+def _fwd_concat(net, node: Concat, env, n):
+    return np.concatenate([env[v] for v in node.vectors], axis=-1)  # FanInConcat, channel axis
+
+
+def _fwd_dropout(net, node: Dropout, env, n):
+    """m x / keep with a fresh Bernoulli(keep) mask per example and coordinate (NT's train mode);
+    the mask is kept for the backward pass.  Masks come from the network's own mask stream, so
+    two passes (X1, then X2) draw independent masks and one pass (X2 = None) shares them."""
+    keep = 1 - _number(node.rate, net._binding, f"rate of {node.label()}")
+    x = env[node.vector]
+    mask = net._mask_rng.random(x.shape) < keep
+    env[("mask", node)] = mask / keep
+    return x * env[("mask", node)]
+
+
 _FORWARD = {Input: _fwd_input, Embedding: _fwd_embedding, MatMul: _fwd_matmul, Bias: _fwd_bias,
-            Nonlin: _fwd_nonlin, Moment: _fwd_moment, Pool: _fwd_pool, Scan: _fwd_scan}
+            Nonlin: _fwd_nonlin, Moment: _fwd_moment, Pool: _fwd_pool, Scan: _fwd_scan,
+            Concat: _fwd_concat, Dropout: _fwd_dropout}
 
 
 class _Env(dict):
@@ -412,8 +430,21 @@ def _bwd_carry(net, node, G, env, tape):
     pass  # handled by the Scan that binds it
 
 
+def _bwd_concat(net, node: Concat, G, env, tape):
+    start = 0                    # each branch gets the cotangent's slice on its coordinates
+    for v in node.vectors:
+        stop = start + net.dim(v)
+        tape.add(v, G[..., start:stop])
+        start = stop
+
+
+def _bwd_dropout(net, node: Dropout, G, env, tape):
+    tape.add(node.vector, G * env[("mask", node)])
+
+
 _BACKWARD = {Input: _bwd_input, Embedding: _bwd_embedding, MatMul: _bwd_matmul, Bias: _bwd_bias,
-             Nonlin: _bwd_nonlin, Moment: _bwd_moment, Pool: _bwd_pool, Scan: _bwd_scan}
+             Nonlin: _bwd_nonlin, Moment: _bwd_moment, Pool: _bwd_pool, Scan: _bwd_scan,
+             Concat: _bwd_concat, Dropout: _bwd_dropout}
 
 
 
@@ -562,6 +593,9 @@ class FiniteNetwork:
         self._dims: dict[Node, int] = {}
         self._labels = {_param_label(p): p for p in params}
         self._inner = _scan_structure(program)
+        # dropout masks: a stream of their own, so the parameters do not depend on it
+        self._mask_rng = np.random.default_rng(
+            [int(seed), 1] if isinstance(seed, (int, np.integer)) else None)
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -952,7 +986,8 @@ class EmpiricalNTK:
 
 
 def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None,
-                  method: str = "structured", values=None) -> EmpiricalNTK:
+                  method: str = "structured", values=None, mask1=None,
+                  mask2=None) -> "EmpiricalNTK":
     """Theta_n(x_i, x'_j) = sum_theta <dF(x_i)/d theta, dF(x'_j)/d theta> at initialization.
 
     ``program`` is a Program (sampled here with ``width``/``seed``) or a :class:`FiniteNetwork`.
@@ -968,6 +1003,10 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
 
     ``method="jacobian"`` materialises the per-example trained-parameter Jacobian J (one parameter
     block at a time) and returns J1 J2^T: memory O(N * #params).  It is the test oracle.
+
+    ``mask1``/``mask2`` (N, T): padded batches of sequences of different lengths (1 on tokens, 0
+    on the padding after them); the same network runs on each sequence cut to its length
+    (:mod:`symntk.masks`), so the padding takes no part in pooling or the recurrence.
     """
     if isinstance(program, FiniteNetwork):
         net = program
@@ -975,7 +1014,21 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
         if width is None:
             raise ValueError("empirical_ntk needs width=... to sample the program")
         net = sample(program, width, seed, parametrization, _infer_input_dim(program, X1), values)
-    return net.ntk(X1, X2, method=method, parametrization=parametrization)
+    if mask1 is None and mask2 is None:
+        return net.ntk(X1, X2, method=method, parametrization=parametrization)
+    from .masks import masked_gram, masked_outputs
+    from .result import KernelResult
+
+    def block(A, B):
+        e = net.ntk(A, B, method=method, parametrization=parametrization)
+        return KernelResult(None, e.ntk, e.contributions)
+    r = masked_gram(block, X1, X2, mask1, mask2)
+    X1 = np.asarray(X1, dtype=np.float64)
+    out1 = masked_outputs(net, X1, mask1)
+    out2 = out1 if X2 is None else masked_outputs(net, np.asarray(X2, dtype=np.float64), mask2)
+    return EmpiricalNTK(ntk=r.ntk, outputs1=out1, outputs2=out2, contributions=r.ntk_terms,
+                        dims=net.dims, seed=net.seed,
+                        parametrization=parametrization or net.parametrization, method=method)
 
 
 @dataclass(frozen=True)

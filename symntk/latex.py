@@ -346,6 +346,15 @@ def expand_duals(expr: sp.Expr) -> sp.Expr:
     return expr.xreplace({n: n.doit() for n in expr.atoms(DualActivation)})
 
 
+def _jumps_line(jumps) -> str:
+    """One line naming the nonlinearities that jump and the convention their NTK uses."""
+    which = ", ".join(dict.fromkeys(
+        rf"{sp.latex(expr)} \text{{ at }} " + r",\ ".join(sp.latex(p) for p in pts)
+        for _, expr, pts in jumps))
+    return (rf"&\text{{jumps: }} {which} \quad \text{{(derivative almost everywhere: 0 at a "
+            r"jump, as autodiff and Neural Tangents)}")
+
+
 def derivation_latex(d: Derivation, notation: str = "sigma", closed_forms: bool = True,
                      environment: str = "aligned", standalone: bool = False,
                      highlight_zdot: bool = False, expand: bool = False) -> str:
@@ -397,6 +406,8 @@ def derivation_latex(d: Derivation, notation: str = "sigma", closed_forms: bool 
     if nngp is not None:
         lines.append(rf"K(\xi,\xi') &= {names.tex(nngp)}")
     lines.append(rf"\Theta(\xi,\xi') &= {names.tex(ntk)}")
+    if d.jumps:
+        lines.append(_jumps_line(d.jumps))
     if names.where:
         lines.append(r"&\textbf{where}")
         for _, (lhs, rhs, note) in sorted(names.where.items(), key=lambda kv: _WHERE_ORDER[kv[0][0]]):

@@ -14,6 +14,8 @@ Node kinds (NETSOR, TP1 Def. 4.1; NETSOR-T, TP2 Def. 7.1; NETSOR-T+, TP2 App. B)
 ``MatMul``         W @ h or W.T @ h  (a G-var)
 ``Nonlin``         phi(h1, ..., hk) coordinatewise, phi a SymPy ``Lambda`` (an H-var)
 ``Moment``         the scalar (1/n) sum_alpha psi(h1_alpha, ...)  (NETSOR-T+, TP2 App. B)
+``Concat``         [x_1; ...; x_k] of widths n_i (read by a matmul or a readout only)
+``Dropout``        m x / keep, a Bernoulli mask per example (read by a matmul or a readout only)
 ``Repeat``         a block written once, iterated for l = start..stop (depth or time)
 ``Readout``        f = v^T h / sqrt(n) (+ b_out): trained, zero-mean readout
 ``FixedReadout``   f = sum_alpha h_alpha / sqrt(n): a fixed all-ones readout (nonzero mean)
@@ -43,7 +45,8 @@ from .parametrization import PARAMETRIZATIONS
 
 __all__ = [
     "ProgramError", "Node", "Vector", "Input", "Weight", "Transpose", "Embedding", "Bias",
-    "MatMul", "Nonlin", "Moment", "Carry", "Repeat", "Readout", "VectorReadout", "FixedReadout",
+    "MatMul", "Concat", "concat", "Dropout", "dropout", "DROPOUT_MODES", "Nonlin", "Moment",
+    "Carry", "Repeat", "Readout", "VectorReadout", "FixedReadout",
     "READOUTS", "OutputBias", "Scan", "Pool", "POOLINGS", "scan",
     "Program", "nonlin", "repeat", "PARAMETRIZATIONS", "WIDTH",
 ]
@@ -362,6 +365,9 @@ class MatMul(Vector):
             raise ProgramError(
                 f"dimension mismatch in {matrix.label()} @ {vec.label()}: fan_in {matrix.fan_in} "
                 f"!= vector dimension {vec.dim}")
+        if isinstance(vec, (Concat, Dropout)) and isinstance(matrix, Transpose):
+            raise ProgramError(f"{matrix.label()} @ {vec.label()}: a transposed matrix over a "
+                               "concatenation or a dropout is not supported")
         return super().__new__(cls, matrix, vec, Str(_str(name)))
 
     matrix = property(lambda self: self.args[0])
@@ -391,6 +397,108 @@ class MatMul(Vector):
 
     def label(self):
         return self.name or f"{self.matrix.label()} {self.vector.label()}"
+
+
+class Concat(Vector):
+    """[x_1; ...; x_k]: the vectors stacked into one of dimension n_1 + ... + n_k (Neural
+    Tangents' ``FanInConcat`` on the channel axis), e.g. branches of widths n and 2n.
+
+    Its coordinates do not share one law (a branch's coordinates are that branch's Z), so only a
+    matmul ``W @ concat`` or a readout may read it: W's columns split into independent blocks
+    W_i, and W x = sum_i W_i x_i has Cov(Z^{Wx}, Z^{Wx'}) = sigma_W^2 sum_i (n_i / N) E[Z^{x_i}
+    Z^{x'_i}], N = sum_i n_i: the width-weighted average of the branch kernels.
+    """
+
+    def __new__(cls, *vectors, name: str = ""):
+        if len(vectors) == 1 and isinstance(vectors[0], (list, tuple, Tuple)):
+            vectors = tuple(vectors[0])
+        if len(vectors) < 2:
+            raise ProgramError("Concat needs at least two vectors")
+        for v in vectors:
+            if not isinstance(v, Vector) or isinstance(v, (Concat, Dropout)):
+                raise ProgramError(f"Concat stacks width-space vectors (not nested Concats or "
+                                   f"dropouts), got "
+                                   f"{getattr(v, 'label', lambda: repr(v))()}")
+            if v.positions is not None:
+                raise ProgramError(f"Concat of {v.label()!r}, a vector indexed by positions "
+                                   f"{v.positions!r}, is not supported: pool it first")
+        return super().__new__(cls, Tuple(*vectors), Str(_str(name)))
+
+    vectors = property(lambda self: tuple(self.args[0]))
+    operands = vectors
+    dim = property(lambda self: sp.Add(*[v.dim for v in self.args[0]]))
+    name = property(lambda self: self.args[1].name or None)
+
+    @property
+    def fractions(self) -> tuple:
+        """n_i / N: the weight of each branch in the kernels of the concatenation."""
+        total = self.dim
+        return tuple(sp.simplify(v.dim / total) for v in self.vectors)
+
+    def named(self, name):
+        return Concat(*self.vectors, name=name)
+
+    def label(self):
+        return self.name or "[" + " | ".join(v.label() for v in self.vectors) + "]"
+
+
+def concat(*vectors, name: str = "") -> Concat:
+    """``concat(x1, x2)``: the vectors stacked (Neural Tangents' ``FanInConcat``), read by a
+    matmul or a readout."""
+    return Concat(*vectors, name=name)
+
+
+class Dropout(Vector):
+    """Dropout in Neural Tangents' ``train`` mode: y = m * x / keep coordinatewise, keep = 1 - rate,
+    with a Bernoulli(keep) mask m drawn afresh for every example (one mask per example, shared by
+    the forward and backward pass).  Two different examples see independent masks, E[m m'] =
+    keep^2, so their kernels are unchanged; an example with itself sees E[m^2] = keep, so the
+    diagonal k(xi, xi) of every kernel read through y is divided by keep (NT's ``Dropout``).
+
+    ``test`` mode is the identity (use :func:`dropout`, which returns ``x`` itself).  Like a
+    concatenation, only a matmul or a readout may read y: its Z is not a function of Z^x alone.
+    """
+
+    def __new__(cls, vec: Vector, rate, name: str = ""):
+        if not isinstance(vec, Vector) or isinstance(vec, (Concat, Dropout)):
+            raise ProgramError(f"Dropout acts on a width-space vector (not a concatenation or a "
+                               f"dropout), got "
+                               f"{getattr(vec, 'label', lambda: repr(vec))()}")
+        if vec.positions is not None:
+            raise ProgramError(f"Dropout of {vec.label()!r}, indexed by positions "
+                               f"{vec.positions!r}, is not supported")
+        rate = _expr(rate, "dropout rate")
+        if rate.is_number and not (rate.is_real and 0 <= rate < 1):
+            raise ProgramError(f"dropout rate must be in [0, 1) (the probability of dropping a "
+                               f"coordinate), got {rate}")
+        return super().__new__(cls, vec, rate, Str(_str(name)))
+
+    vector = property(lambda self: self.args[0])
+    rate = property(lambda self: self.args[1])
+    keep = property(lambda self: 1 - self.args[1])
+    operands = property(lambda self: (self.args[0],))
+    dim = property(lambda self: self.args[0].dim)
+    name = property(lambda self: self.args[2].name or None)
+
+    def named(self, name):
+        return Dropout(self.vector, self.rate, name)
+
+    def label(self):
+        return self.name or f"dropout({self.vector.label()})"
+
+
+#: Neural Tangents' dropout modes.
+DROPOUT_MODES = ("train", "test")
+
+
+def dropout(vec: Vector, rate, mode: str = "train", name: str = "") -> Vector:
+    """Dropout of ``vec`` with drop probability ``rate`` in [0, 1) (Neural Tangents'
+    ``stax.Dropout(1 - rate, mode)``, whose argument is the keep rate): ``"train"`` builds a
+    :class:`Dropout` node, ``"test"`` is the identity."""
+    if mode not in DROPOUT_MODES:
+        raise ProgramError(f"unknown dropout mode {mode!r}; expected one of {DROPOUT_MODES}")
+    node = Dropout(vec, rate, name)      # checks the rate in both modes
+    return node if mode == "train" else vec
 
 
 class Nonlin(Vector):
@@ -848,6 +956,18 @@ class Program:
                     raise ProgramError(
                         f"two different parameters are both called {node.name!r}: "
                         f"{_describe(other)} vs {_describe(node)}")
+        for node in every:
+            if isinstance(node, (Readout, MatMul)):
+                continue
+            for a in getattr(node, "operands", ()):
+                if isinstance(a, Concat):
+                    raise ProgramError(
+                        f"{node.label()!r} reads the concatenation {a.label()!r}: only a matmul or "
+                        "a readout may (its branches' coordinates have different laws)")
+                if isinstance(a, Dropout):
+                    raise ProgramError(
+                        f"{node.label()!r} reads {a.label()!r}: only a matmul or a readout may "
+                        "read a dropout (apply it right before a Dense layer)")
         _check_carries(self.output, frozenset())
         given = {inp.positions for inp in self.inputs} - {None}
         for node in self.nodes:

@@ -36,8 +36,8 @@ from typing import Callable
 import sympy as sp
 
 from .activations import partial_derivative
-from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment, Node, Nonlin,
-                      Pool, Program, Readout, Scan, VectorReadout)
+from .program import (Bias, Carry, Concat, Dropout, Embedding, FixedReadout, Input, MatMul, Moment, Node,
+                      Nonlin, Pool, Program, Readout, Scan, VectorReadout)
 
 __all__ = ["Atom", "KernelKey", "SymbolInfo", "Engine", "FORWARD", "COTANGENT"]
 
@@ -64,6 +64,37 @@ class Atom:
     order: int = 0            # expansion order: later atoms are expanded first
     covariance: Callable | None = None  # base atoms: (engine, A, B) -> Cov within the block
     pos: object = None        # positioned vectors: the position (t, t - 1, T, ...); else None
+
+
+@dataclass(frozen=True)
+class Part:
+    """The coordinates of a block (W^T, or a readout weight) that land on branch ``index`` of a
+    concatenation: independent of every other branch's coordinates, with the block's variance
+    scaled by the branch's share n_i / N of the width."""
+    block: object
+    index: int
+    fraction: sp.Expr
+
+    @property
+    def variance(self) -> sp.Expr:
+        return self.block.variance * self.fraction
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A block (W^T, or a readout weight) read through a dropout mask of keep rate ``keep``."""
+    block: object
+    keep: sp.Expr
+
+    @property
+    def variance(self) -> sp.Expr:
+        return self.block.variance
+
+
+def _same_example(eng: "Engine", A: "Atom", B: "Atom", keep) -> sp.Expr:
+    """E[m_i m_j] / keep^2 for the dropout masks of copies i, j: 1 / keep for one example (one
+    mask), 1 for two (independent masks; Neural Tangents' Dropout in train mode)."""
+    return 1 / keep if A.copy == B.copy else sp.Integer(1)
 
 
 @dataclass(frozen=True)
@@ -320,10 +351,16 @@ class Engine:
                 for c in self.consumers[node]])
         return self._atom_of[key]
 
-    def transpose_atom(self, use: MatMul, copy: int, pos=None) -> sp.Symbol:
-        """Z^{M^T dy} for the forward use y = M x; its block is M^T (a fresh matrix under GIA)."""
+    def transpose_atom(self, use: MatMul, copy: int, pos=None, part: int | None = None) -> sp.Symbol:
+        """Z^{M^T dy} for the forward use y = M x; its block is M^T (a fresh matrix under GIA).
+        For y = M [x_1; ...; x_k], ``part`` i is the cotangent of x_i: the rows of M^T on x_i's
+        coordinates, a block of its own with variance sigma_M^2 n_i / N."""
         pos = self._position(use, copy, pos)
         copy = 0 if self.same_input else copy
+        if part is not None:
+            return self._part_atom(("bwd-part", use, copy, part), use.vector, part, use.matrix,
+                                   copy, self.dz(use, copy, pos), order=2 * len(self.nodes)
+                                   - self.position[use])
         key = ("bwd-matmul", use, copy, pos)
         if key not in self._atom_of:
             dy = self.dz(use, copy, pos)
@@ -332,7 +369,7 @@ class Engine:
             # W^T dy is (a term of) the gradient of the vector W multiplied: name it after that.
             hat = self.new_atom(
                 Atom("base", use.vector, copy, backward=True, block=matrix, arg=dy, order=order,
-                     covariance=_cov_matmul, pos=pos),
+                     covariance=_cov_cotangent, pos=pos),
                 f"Zhat_{self.label(use.vector)}_T_{copy}{self.pos_tag(pos)}")
             self._atom_of[key] = self.with_zdot(hat, f"Z_{self.label(use)}_T_{copy}{self.pos_tag(pos)}")
             self.key_of.setdefault(self._atom_of[key], key)
@@ -352,6 +389,9 @@ class Engine:
         if not self.exact:
             return hat
         A = self.atoms[hat]
+        if isinstance(A.node, MatMul) and isinstance(A.node.vector, (Concat, Dropout)):
+            raise NotImplementedError(f"exact mode over {A.node.vector.label()!r} (a concatenation "
+                                      "or a dropout)")
         transpose = A.block.T
         variance = A.block.variance
         terms = []
@@ -403,8 +443,58 @@ class Engine:
             self._dbase[key] = self._d(self.definitions[s], base)
         return self._dbase[key]
 
-    def readout_atom(self, readout: Readout) -> sp.Symbol:
-        """Z^v of a trained readout weight: a base Gaussian of its own block, N(0, sigma_v^2)."""
+    def _part_atom(self, key, cat: Concat, part: int, block, copy, arg, order) -> sp.Symbol:
+        """The cotangent of branch ``part`` of ``cat`` read through ``block`` (a matmul's matrix
+        or a readout weight): a base Gaussian of the block's rows on that branch."""
+        return self._read_atom(key, cat.vectors[part], Part(block, part, cat.fractions[part]),
+                               copy, arg, _cov_cotangent_part if arg is not None else _cov_setup,
+                               order, f"{'T' if arg is not None else 'v'}{part}")
+
+    def _read_atom(self, key, node, block, copy, arg, covariance, order, tag) -> sp.Symbol:
+        if key not in self._atom_of:
+            self._atom_of[key] = self.new_atom(
+                Atom("base", node, copy, backward=True, block=block, arg=arg, order=order,
+                     covariance=covariance),
+                f"Z_{self.label(node)}_{tag}" + ("" if copy is None else f"_{copy}"))
+        return self._atom_of[key]
+
+    def dropout_atom(self, drop: Dropout, use, copy: int) -> sp.Symbol:
+        """The cotangent of x through y = dropout(x) read by ``use`` (y = W y or a readout):
+        dx = (m / keep) W^T dy (or (m / keep) v), a Gaussian given the masks, of covariance
+        sigma^2 E[dy dy'] times 1/keep for one example and 1 for two (:func:`_same_example`)."""
+        copy = 0 if self.same_input else copy
+        if isinstance(use, MatMul):
+            return self._read_atom(("bwd-drop", use, copy), drop.vector,
+                                   Masked(use.matrix, drop.keep), copy, self.dz(use, copy),
+                                   _cov_cotangent_dropout,
+                                   2 * len(self.nodes) - self.position[use], "Tm")
+        return self._read_atom(("readout-drop", use.weight, copy), drop.vector,
+                               Masked(use.weight, drop.keep), copy, None, _cov_readout_dropout,
+                               -1, "vm")
+
+    def inner(self, x: Node, y: Node) -> sp.Expr:
+        """lim x(xi) . y(xi') / N for vectors of the copies 0 and 1: E[Z^x_0 Z^y_1], or for
+        concatenations sum_i (n_i / N) E[Z^{x_i}_0 Z^{y_i}_1] (branch by branch)."""
+        if isinstance(x, Dropout) or isinstance(y, Dropout):
+            if x != y:
+                raise NotImplementedError(f"one matrix multiplies {x.label()!r} and {y.label()!r}")
+            factor = 1 / x.keep if self.same_input else sp.Integer(1)
+            return factor * self.expect(self.z(x.vector, 0) * self.z(y.vector, 1))
+        if not isinstance(x, Concat) and not isinstance(y, Concat):
+            return self.expect(self.z(x, 0) * self.z(y, 1))
+        if not (isinstance(x, Concat) and isinstance(y, Concat)
+                and x.fractions == y.fractions):
+            raise NotImplementedError(f"one matrix multiplies {x.label()!r} and {y.label()!r}: "
+                                      "a concatenation and a vector of another layout")
+        return sp.Add(*[w * self.expect(self.z(a, 0) * self.z(b, 1))
+                        for w, a, b in zip(x.fractions, x.vectors, y.vectors)])
+
+    def readout_atom(self, readout: Readout, part: int | None = None) -> sp.Symbol:
+        """Z^v of a trained readout weight: a base Gaussian of its own block, N(0, sigma_v^2);
+        on branch ``part`` of a concatenation, N(0, sigma_v^2 n_i / N)."""
+        if part is not None:
+            return self._part_atom(("readout-part", readout.weight, part), readout.vector, part,
+                                   readout.weight, None, None, order=-1)
         key = ("readout", readout.weight)
         if key not in self._atom_of:
             self._atom_of[key] = self.new_atom(
@@ -800,6 +890,16 @@ def _cov_matmul(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
     return A.block.variance * eng.expect(A.arg * B.arg)
 
 
+def _cov_cotangent(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """Cov(Z^{M^T dy}, Z^{M^T dy'}) = sigma_M^2 E[Z^{dy} Z^{dy'}] for y = M x, M : A(n_y, n_x).
+
+    Cotangents are normalised by their own width, dx = sqrt(n_x) df/dx (so the NTK term of M is
+    sigma_M^2 E[dy dy'] E[x x'], TP2 Eq. 12): dx = sqrt(n_x / n_y) M^T dy, whose coordinates have
+    variance (n_x / n_y) (sigma_M^2 / n_x) n_y E[dy^2].  The forward law of M^T would carry
+    (n_y / n_x) sigma_M^2 instead (TP2 App. C); the two agree for square matrices."""
+    return A.block.T.variance * eng.expect(A.arg * B.arg)
+
+
 def _z_embedding(eng: Engine, node: Embedding, copy: int, pos) -> sp.Expr:
     return eng.new_atom(Atom("base", node, copy, block=node.weight, order=eng.position[node],
                              covariance=_cov_embedding, pos=pos),
@@ -811,9 +911,53 @@ def _z_bias(eng: Engine, node: Bias, copy: int, pos) -> sp.Expr:
                              covariance=_cov_setup), f"Z_{eng.label(node)}")
 
 
+def _cov_matmul_concat(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """W [x_1; ...; x_k] = sum_i W_i x_i with independent column blocks W_i of entries
+    N(0, sigma_W^2 / N): Cov = sigma_W^2 sum_i (n_i / N) E[Z^{x_i} Z^{x'_i}] (Neural Tangents'
+    FanInConcat followed by Dense: the width-weighted average of the branch kernels)."""
+    fractions = A.node.vector.fractions
+    return A.block.variance * sp.Add(*[w * eng.expect(a * b)
+                                       for w, a, b in zip(fractions, A.arg, B.arg)])
+
+
+def _cov_cotangent_part(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """dx_i = sqrt(n_i) df/dx_i = sqrt(n_i / n_y) W_i^T dy for y = W [x_1; ...]: coordinates of
+    variance (n_i / n_y)(sigma_W^2 / N) n_y E[dy^2] = sigma_W^2 (n_i / N) E[dy^2]."""
+    return A.block.variance * eng.expect(A.arg * B.arg)
+
+
+def _cov_matmul_dropout(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """W (m x / keep): Cov = sigma_W^2 E[m_i m_j] / keep^2 E[Z^x_i Z^x_j] (:func:`_same_example`)."""
+    return A.block.variance * _same_example(eng, A, B, A.node.vector.keep) * \
+        eng.expect(A.arg * B.arg)
+
+
+def _cov_cotangent_dropout(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """dx = (m / keep) sqrt(n_x / n_y) W^T dy: sigma_W^2 E[dy dy'] times the mask factor."""
+    return A.block.block.variance * _same_example(eng, A, B, A.block.keep) * \
+        eng.expect(A.arg * B.arg)
+
+
+def _cov_readout_dropout(eng: Engine, A: Atom, B: Atom) -> sp.Expr:
+    """dx = (m / keep) v for f = v . (m x / keep) / sqrt(n): sigma_v^2 times the mask factor."""
+    return A.block.variance * _same_example(eng, A, B, A.block.keep)
+
+
 def _z_matmul(eng: Engine, node: MatMul, copy: int, pos) -> sp.Expr:
-    arg = eng.z(node.vector, copy, pos)
     tag = eng.pos_tag(pos)
+    if isinstance(node.vector, Dropout):
+        arg = eng.z(node.vector.vector, copy, pos)
+        return eng.with_zdot(eng.new_atom(
+            Atom("base", node, copy, block=node.matrix, arg=arg, order=eng.position[node],
+                 covariance=_cov_matmul_dropout, pos=pos), f"Zhat_{eng.label(node)}_{copy}{tag}"),
+            f"Z_{eng.label(node)}_{copy}{tag}")
+    if isinstance(node.vector, Concat):
+        arg = sp.Tuple(*[eng.z(v, copy, pos) for v in node.vector.vectors])
+        return eng.with_zdot(eng.new_atom(
+            Atom("base", node, copy, block=node.matrix, arg=arg, order=eng.position[node],
+                 covariance=_cov_matmul_concat, pos=pos), f"Zhat_{eng.label(node)}_{copy}{tag}"),
+            f"Z_{eng.label(node)}_{copy}{tag}")
+    arg = eng.z(node.vector, copy, pos)
     hat = eng.new_atom(Atom("base", node, copy, block=node.matrix, arg=arg,
                             order=eng.position[node], covariance=_cov_matmul, pos=pos),
                        f"Zhat_{eng.label(node)}_{copy}{tag}")
@@ -858,6 +1002,11 @@ def _z_pool(eng: Engine, node: Pool, copy: int, pos) -> sp.Expr:
                         sp.Sum(eng.z(node.vector, copy, i), (i, 1, L)) / L)
 
 
+def _concat_forward(eng: Engine, node: Node, copy: int, pos):
+    raise TypeError(f"{node.label()!r} (a concatenation or a dropout) has no Z of its own: only "
+                    "a matmul or a readout reads it")
+
+
 FORWARD: dict[type, Callable] = {
     Embedding: _z_embedding,
     Bias: _z_bias,
@@ -868,6 +1017,8 @@ FORWARD: dict[type, Callable] = {
     # the carry at t is the state at t - 1 (zero before the first position)
     Carry: lambda eng, node, copy, pos: eng.z(eng.state_of[node], copy, pos - 1),
     Pool: _z_pool,
+    Concat: _concat_forward,
+    Dropout: _concat_forward,
 }
 
 
@@ -888,6 +1039,34 @@ def _dz_pool(eng: Engine, c: Pool, node: Node, copy: int, pos) -> sp.Expr:
     L = eng.length(copy)
     weight = 1 / L if c.how == "mean" else sp.KroneckerDelta(pos, L)
     return weight * eng.dz(c, copy)
+
+
+def _dz_concat(eng: Engine, c: Concat, node: Node, copy: int, pos) -> sp.Expr:
+    """x_i is the slice of [x_1; ...; x_k] on its coordinates: dx_i is the cotangent of the
+    concatenation restricted there, through each reader (W^T dy or the readout weight) a
+    Gaussian of its own block (:class:`Part`), independent across branches."""
+    out = sp.Integer(0)
+    for i, branch in enumerate(c.vectors):
+        if branch != node:
+            continue
+        for use in eng.consumers[c]:
+            if isinstance(use, MatMul):
+                out += eng.transpose_atom(use, copy, pos, part=i)
+            elif isinstance(use, Readout):
+                out += eng.readout_atom(use, part=i)
+            else:
+                raise TypeError(f"{use.label()!r} reads the concatenation {c.label()!r}")
+    return out
+
+
+def _dz_dropout(eng: Engine, c: Dropout, node: Node, copy: int, pos) -> sp.Expr:
+    """y = m x / keep: dx = (m / keep) dy, through each reader a Gaussian given the masks."""
+    out = sp.Integer(0)
+    for use in eng.consumers[c]:
+        if not isinstance(use, (MatMul, Readout)):
+            raise TypeError(f"{use.label()!r} reads the dropout {c.label()!r}")
+        out += eng.dropout_atom(c, use, copy)
+    return out
 
 
 def _dz_vector_readout(eng: Engine, c: VectorReadout, node: Node, copy: int, pos) -> sp.Expr:
@@ -911,6 +1090,8 @@ COTANGENT: dict[type, Callable] = {
     # f = sum_alpha h_alpha / sqrt(n): dh = 1.
     FixedReadout: lambda eng, c, node, copy, pos: sp.Integer(1),
     Pool: _dz_pool,
+    Concat: _dz_concat,
+    Dropout: _dz_dropout,
     # the state s^t is the value of the Scan's body at t
     Scan: lambda eng, c, node, copy, pos: eng.dz(c, copy, pos),
     # s^t is read at t + 1 through the carry (TP2 Eq. 15: ds^{t-1} = W^T dg^t); nothing after T

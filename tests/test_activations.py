@@ -3,7 +3,7 @@
 import pytest
 import sympy as sp
 
-from symntk.activations import ACTIVATIONS, X, activation, derivative, parse_formula
+from symntk.activations import ACTIVATIONS, X, activation, derivative, jump_points, parse_formula
 
 # Expected expressions, one per registry key.  A new activation without an entry here
 # fails test_every_activation_has_an_expected_form.
@@ -224,12 +224,9 @@ def test_derivative(spec, expected):
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_derivative_of_every_registered_activation(name):
-    """Every activation except step has a DiracDelta-free derivative that matches diff."""
+    """Every activation has a DiracDelta-free derivative (almost everywhere: step's is 0) that
+    matches a central difference away from the kink or jump at 0."""
     expr = activation(name if name != "polynomial" else "polynomial([0, 1, 1])")
-    if name == "step":
-        with pytest.raises(ValueError, match="not differentiable"):
-            derivative(expr)
-        return
     d = derivative(expr)
     assert not d.has(sp.DiracDelta, sp.Derivative, sp.Subs)
     assert d.free_symbols <= {X}
@@ -240,8 +237,37 @@ def test_derivative_of_every_registered_activation(name):
         assert abs(float(d.subs(X, x0)) - float(fd)) < 1e-6
 
 
-@pytest.mark.parametrize("spec", ["step", sp.sign(X), sp.Heaviside(X) * X**2 + sp.Heaviside(X)])
-def test_derivative_rejects_dirac_delta(spec):
-    with pytest.raises(ValueError, match="not differentiable") as info:
-        derivative(spec)
-    assert "DiracDelta" in str(info.value)
+@pytest.mark.parametrize("spec, expected", [
+    ("step", 0), (sp.sign(X), 0), (sp.Heaviside(X) * X**2 + sp.Heaviside(X), 2 * X * sp.Heaviside(X)),
+    (sp.floor(2 * X) + X, 1), (sp.frac(X), 1), (sp.ceiling(X) * X, sp.ceiling(X)),
+    (sp.Piecewise((X + 1, X >= 0), (X, True)), 1)])
+def test_derivative_almost_everywhere(spec, expected):
+    """Jumps: the Dirac part of the weak derivative is dropped (autodiff's and Neural Tangents'
+    convention), floor/ceiling differentiate to 0."""
+    assert sp.simplify(derivative(spec) - expected) == 0
+
+
+@pytest.mark.parametrize("spec, points", [
+    ("step", [sp.Eq(X, 0)]), ("sign(x)", [sp.Eq(X, 0)]), ("sign(2*x + 1)", [sp.Eq(X, -sp.Rational(1, 2))]),
+    ("x + step(x - 1)", [sp.Eq(X, 1)]), ("floor(2*x)", [sp.Contains(2 * X, sp.Integers)]),
+    (sp.Piecewise((1, X >= 0), (0, True)), [sp.Eq(X, 0)]),
+    (sp.Piecewise((X + 1, X >= 0), (X, True)), [sp.Eq(X, 0)]),
+    (sp.Piecewise((X**2, X > 2), (X, True)), [sp.Eq(X, 2)]),
+    # continuous, with kinks or removable edges: no jump
+    ("relu", []), ("abs", []), ("x*sign(x)", []), ("(x - 1)*step(x - 1)", []), ("erf", []),
+    (sp.Piecewise((X, X >= 0), (0, True)), []), (sp.Piecewise((X**2, X > 1), (X, True)), []),
+])
+def test_jump_points(spec, points):
+    assert set(jump_points(activation(spec), X)) == set(points)
+
+
+def test_jump_points_in_one_argument_of_two():
+    a, b = sp.symbols("a b", real=True)
+    expr = sp.sign(a) * b + sp.Abs(b)
+    assert jump_points(expr, a) == (sp.Eq(a, 0),) and jump_points(expr, b) == ()
+
+
+def test_derivative_still_refuses_what_it_cannot_differentiate():
+    f = sp.Function("f")
+    with pytest.raises(ValueError, match="not differentiable"):
+        derivative(f(X))

@@ -184,9 +184,11 @@ def test_unknown_activation_is_named():
         mlp(2, "bogus")
 
 
-def test_non_differentiable_user_expression():
-    with pytest.raises(ValueError, match="not differentiable"):
-        derive(mlp(2, "step"))
+def test_jump_is_named_and_refused_on_request():
+    with pytest.raises(ValueError, match=r"jumps.*'x1' \(Heaviside\(x\)\)"):
+        derive(mlp(2, "step"), jumps="error")
+    with pytest.raises(ValueError, match="unknown jumps"):
+        derive(mlp(2, "relu"), jumps="loud")
 
 
 def test_malformed_program_dimension_mismatch_names_node():

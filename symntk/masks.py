@@ -1,0 +1,92 @@
+"""Variable-length sequences passed as one padded batch with a mask.
+
+A batch of sequences of lengths L_1, ..., L_N is one array (N, T, d), T = max L_i, with the tokens
+of sequence i in positions 1..L_i and padding after them, and a mask (N, T) that is 1 on the real
+tokens and 0 on the padding.  The kernels of a sequence program are those of the *unpadded*
+sequences: padded positions take no part in pooling ((1/L_i) sum_{t <= L_i} for a mean, t = L_i
+for the last state) nor in the recurrence (a Scan stops at L_i).  Since the recursion over
+positions (TP2 Eq. 14) already runs over the real lengths (T and Tbar may differ), the masked Gram
+matrix is assembled from blocks of sequences of equal lengths, each computed with its padding cut
+off: exact, not an approximation of padding by zeros.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .result import KernelResult
+
+__all__ = ["sequence_lengths", "masked_gram", "masked_outputs"]
+
+
+def sequence_lengths(mask, X, name: str = "mask") -> np.ndarray:
+    """The length L_i of every sequence from its mask; a clear error for a mask of the wrong shape,
+    values other than 0/1, padding before a token, or a sequence without tokens."""
+    X = np.asarray(X)
+    if X.ndim != 3:
+        raise ValueError(f"a {name} goes with a batch of sequences (N, T, d), got data of shape "
+                         f"{X.shape}")
+    m = np.asarray(mask)
+    if m.shape != X.shape[:2]:
+        raise ValueError(f"{name} must have shape (N, T) = {X.shape[:2]} to match the sequences "
+                         f"of shape {X.shape}, got shape {m.shape}")
+    if m.dtype != bool:
+        if m.dtype.kind not in "biuf" or not np.all((m == 0) | (m == 1)):
+            raise ValueError(f"{name} must hold 0/1 (or booleans): 1 for a token, 0 for padding")
+        m = m.astype(bool)
+    lengths = m.sum(axis=1)
+    if np.any(lengths == 0):
+        raise ValueError(f"{name} row {int(np.argmax(lengths == 0))} has no tokens")
+    prefix = np.arange(m.shape[1])[None, :] < lengths[:, None]
+    if not np.array_equal(m, prefix):
+        bad = int(np.argmax(np.any(m != prefix, axis=1)))
+        raise ValueError(f"{name} row {bad} is not a prefix of ones: padding must come after the "
+                         f"tokens (got {m[bad].astype(int).tolist()})")
+    return lengths.astype(int)
+
+
+def masked_gram(k: Callable, X1, X2=None, mask1=None, mask2=None, **options) -> KernelResult:
+    """``k(X1, X2, **options)`` for padded batches with masks: block (a, b) of sequences of
+    lengths (L_a, L_b) is ``k`` of those sequences cut to their lengths.  With ``X2=None`` the
+    blocks of one length are ``k(Xa)`` (one example with itself on the diagonal)."""
+    symmetric = X2 is None
+    X1 = np.asarray(X1, dtype=np.float64)
+    X2a = X1 if symmetric else np.asarray(X2, dtype=np.float64)
+    if symmetric and mask2 is not None:
+        raise ValueError("mask2 given without X2")
+    L1 = sequence_lengths(mask1, X1, "mask1") if mask1 is not None else np.full(len(X1), X1.shape[1])
+    L2 = L1 if symmetric else (sequence_lengths(mask2, X2a, "mask2") if mask2 is not None
+                               else np.full(len(X2a), X2a.shape[1]))
+    groups1 = {int(L): np.flatnonzero(L1 == L) for L in np.unique(L1)}
+    groups2 = groups1 if symmetric else {int(L): np.flatnonzero(L2 == L) for L in np.unique(L2)}
+    out: dict = {}
+    for a, i1 in groups1.items():
+        for b, i2 in groups2.items():
+            if symmetric and a == b:
+                r = k(X1[i1, :a], None, **options)
+            else:
+                r = k(X1[i1, :a], X2a[i2, :b], **options)
+            for key, value in (("nngp", r.nngp), ("ntk", r.ntk),
+                               *((("term", t), v) for t, v in r.ntk_terms.items())):
+                if value is None:
+                    out.setdefault(key, None)
+                    continue
+                full = out.get(key)
+                if full is None:
+                    full = out[key] = np.empty((len(X1), len(X2a)))
+                full[np.ix_(i1, i2)] = value
+    return KernelResult(out.get("nngp"), out["ntk"],
+                        {key[1]: v for key, v in out.items() if isinstance(key, tuple)})
+
+
+def masked_outputs(f: Callable, X, mask) -> np.ndarray:
+    """``f`` (a network, outputs (N,)) of each sequence of a padded batch cut to its length."""
+    if mask is None:
+        return f(X)
+    lengths = sequence_lengths(mask, X)
+    out = np.empty(len(X))
+    for L in np.unique(lengths):
+        idx = np.flatnonzero(lengths == L)
+        out[idx] = f(X[idx, :L])
+    return out
