@@ -538,7 +538,10 @@ class Engine:
         sequences, the token kernel xi_i^{pi} . xi_j^{pj} / d, an array indexed by positions."""
         if self.same_input:
             i, j = 0, 0
-        elif i > j:
+        if i > j or (i == j and inp.positions and self._position_key(pj) < self._position_key(pi)):
+            # one symbol per unordered pair: k_ij[p, q] = k_ji[q, p], and a sequence's own token
+            # kernel k_ii is symmetric in (p, q), so it is read in one canonical order -- else
+            # the covariance of (Z^{U xi^t}, Z^{U xi^r}) would hold k[t, r] and k[r, t]
             i, j, pi, pj = j, i, pj, pi
         key = (inp, i, j)
         if key not in self.input_kernels:
@@ -550,6 +553,12 @@ class Engine:
                                           extra={"positions": 2 if inp.positions else 0})
         sym = self.input_kernels[key]
         return sym[pi, pj] if inp.positions else sym
+
+    def _position_key(self, pos) -> tuple:
+        """A total order on positions: by the index they run over (t before r), then by text."""
+        i = self.index_of(pos)
+        rank = POSITION_INDEX.index(i) if i in POSITION_INDEX else len(POSITION_INDEX)
+        return (rank, sp.default_sort_key(sp.sympify(pos)))
 
     def _symbol(self, key: KernelKey, definition: Callable[[], sp.Expr], index=(),
                 generic=()) -> sp.Expr:

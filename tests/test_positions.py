@@ -249,3 +249,101 @@ def test_derived_rnn_kernel_is_the_wide_network_mean(program):
     # (the NNGP, an average of f f' over networks, needs far more samples than the NTK, which
     # concentrates in every network; it is held against the paper's recursion above)
     assert np.all(np.abs(mc.ntk_mean - K.ntk) <= 3 * mc.ntk_sem + 1e-12), (mc.ntk_mean, K.ntk)
+
+
+# ----------------------------------------------------------------------------- bags of tokens
+# A position-wise network with no recurrence, pooled: x^t = phi(W_L ... phi(W_1 xi^t + b_1) ...),
+# f = v . pool(x) / sqrt(n) + b_out.  Its first layer is a base Gaussian whose covariance reads
+# the token kernel directly (no LinComb in between, unlike an RNN's W s^{t-1} + U xi^t).
+BAG_VARIANCES = {"W": sp.Rational(3, 2), "b": sp.Rational(1, 10), "v": sp.Rational(13, 10),
+                 "b_out": sp.Rational(1, 5)}
+
+
+def bag_of_tokens(phi: str, depth: int, bias: bool, how: str, d: int = 3) -> Program:
+    from symntk.program import WIDTH, OutputBias
+    x = Input("xi", d, positions="t")
+    for layer in range(depth):
+        W = Weight(f"W{layer}", fan_in=d if layer == 0 else WIDTH, variance=BAG_VARIANCES["W"])
+        h = W @ x
+        if bias:
+            h = h + Bias(f"b{layer}", variance=BAG_VARIANCES["b"])
+        x = nonlin(phi, h)
+    v = Weight("v", fan_out=1, variance=BAG_VARIANCES["v"])
+    b_out = OutputBias("b_out", BAG_VARIANCES["b_out"]) if bias else None
+    return Program(Readout(v, Pool(x, how), b_out), name=f"bag_{phi}_{depth}_{bias}_{how}")
+
+
+def _dual(phi, S, q1, q2):
+    """E[phi(u) phi(v)] and E[phi'(u) phi'(v)] for (u, v) ~ N(0, [[q1, S], [S, q2]]): the arc-cosine
+    kernel of degree 1 and 0 for relu (Cho & Saul 2009), Williams (1997) for erf."""
+    if phi == "relu":
+        c = np.clip(S / np.sqrt(q1 * q2), -1.0, 1.0)
+        theta = np.arccos(c)
+        return (np.sqrt(q1 * q2) * (np.sin(theta) + (np.pi - theta) * c) / (2 * np.pi),
+                (np.pi - theta) / (2 * np.pi))
+    a, b = 1 + 2 * q1, 1 + 2 * q2
+    return 2 / np.pi * np.arcsin(2 * S / np.sqrt(a * b)), 4 / np.pi / np.sqrt(a * b - 4 * S ** 2)
+
+
+def bag_reference(X1, X2, phi, depth, bias, how):
+    """NNGP and NTK of ``bag_of_tokens`` (NTK parametrization), written from the MLP recursion
+    (Jacot et al. 2018 Thm 1; Lee et al. 2019 Eq. 13) over the tokens of both sequences: the
+    readout of a linear pooling a^T x is sigma_v^2 a^T Phi a' (+ sigma_{b_out}^2) for the NNGP
+    and adds sigma_v^2 a^T (Phi' * Theta) a' for the NTK."""
+    sw, sb, sv, so = (float(BAG_VARIANCES[k]) if bias or k in "Wv" else 0.0
+                      for k in ("W", "b", "v", "b_out"))
+    nngp = np.zeros((len(X1), len(X2)))
+    ntk = np.zeros_like(nngp)
+    for i, x in enumerate(X1):
+        for j, y in enumerate(X2):
+            T, Tb = len(x), len(y)
+            Z = np.concatenate([x, y])
+            Sigma = sw * Z @ Z.T / Z.shape[1] + sb
+            Theta = Sigma.copy()
+            for layer in range(depth):
+                q = np.diag(Sigma)
+                Phi, dPhi = _dual(phi, Sigma, q[:, None], q[None, :])
+                if layer < depth - 1:
+                    Sigma = sw * Phi + sb
+                    Theta = Sigma + sw * dPhi * Theta
+            a = np.full(T, 1 / T) if how == "mean" else np.eye(T)[-1]
+            b = np.full(Tb, 1 / Tb) if how == "mean" else np.eye(Tb)[-1]
+            nngp[i, j] = sv * a @ Phi[:T, T:] @ b + so
+            ntk[i, j] = nngp[i, j] + sv * a @ (dPhi * Theta)[:T, T:] @ b
+    return nngp, ntk
+
+
+# every level of each factor, and every pair of levels of two factors, in six programs
+BAGS = [("relu", 1, False, "mean"), ("relu", 1, True, "last"), ("relu", 2, True, "mean"),
+        ("relu", 2, False, "last"), ("erf", 1, False, "last"), ("erf", 2, True, "mean")]
+
+
+@pytest.fixture(scope="module")
+def bags():
+    out = {}
+    for case in BAGS:
+        d = symntk.derive(bag_of_tokens(*case))
+        out[case] = (d, d.compile())
+    return out
+
+
+@pytest.mark.parametrize("case", BAGS, ids=["-".join(map(str, c)) for c in BAGS])
+def test_bag_of_tokens_equals_the_mlp_recursion(bags, case):
+    d, k = bags[case]
+    rng = np.random.default_rng(9)
+    X1, X2 = rng.standard_normal((3, 2, 3)), rng.standard_normal((2, 3, 3))
+    nngp, ntk = bag_reference(X1, X2, *case)
+    for K in (k(X1, X2), d.gram(X1, X2)):
+        np.testing.assert_allclose(K.nngp, nngp, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(K.ntk, ntk, rtol=1e-12, atol=1e-15)
+    # X2 = X1: the diagonal comes from the same-input system, whose (t, r) families meet each
+    # token with itself at t = r.  There the relu closed form sees a correlation of 1 up to
+    # rounding, and sqrt(1 - c^2) vs acos(c) turn one ulp into sqrt(eps) ~ 1e-8 of that pair;
+    # a second relu layer takes the square root again (eps^(1/4)).
+    nngp, ntk = bag_reference(X1, X1, *case)
+    off = ~np.eye(len(X1), dtype=bool)
+    on_diagonal = 1e-12 if case[0] == "erf" else (1e-8 if case[1] == 1 else 1e-4)
+    for K in (k(X1), d.gram(X1)):
+        for got, want in ((K.nngp, nngp), (K.ntk, ntk)):
+            np.testing.assert_allclose(got[off], want[off], rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(np.diag(got), np.diag(want), rtol=on_diagonal)

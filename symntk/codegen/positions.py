@@ -241,6 +241,37 @@ def _emit_nests(em, pr, depth, nests, fams, store_of):
             em.emit(d, f"{store_of(label).format(*[str(g) for g in fam.generic])} = {tmp}")
 
 
+def _own_token_kernels(pair: Derivation, one: dict):
+    """A rewrite of pair-stage expressions reading a sequence's own token kernel k_ii[p, p] =
+    xi_i^p . xi_i^p / d (the variance of a position-wise first layer W xi^t, whose covariance
+    with the other sequence's W xi'^r reads it directly, with no family in between) as a family
+    of that input over one index, added to ``one``: computed once per sequence in
+    ``per_input_i``, where k_ii is at hand, instead of once per pair."""
+    own = {l: info.copies[0] for l, info in pair.inputs.items()
+           if info.copies[0] == info.copies[1]}
+    made = {}
+
+    def lift(expr):
+        sub = {}
+        for ind in expr.atoms(sp.Indexed):
+            label = ind.base.label
+            if label not in own:
+                continue
+            p, q = ind.indices
+            if sp.expand(p - q) != 0:
+                raise NotImplementedError(
+                    f"{ind} (one sequence's tokens at two positions) is read per pair of "
+                    "sequences; compiled kernels read it only within families of one input")
+            if label not in made:
+                g = sp.Symbol("t", integer=True, positive=True)
+                name = sp.Symbol(f"q_{label}")
+                one[name] = _Family(name, (g,), (own[label],), ind.base[g, g])
+                made[label] = sp.IndexedBase(name)
+            sub[ind] = made[label][p]
+        return expr.xreplace(sub)
+    return lift
+
+
 def _hoist(cross: dict, one: dict) -> None:
     """Move subexpressions of the cross recursions that read one sequence only (e.g.
     sqrt(1 + 2 q^t) in V_erf) into new families of that sequence, computed once per input
@@ -312,6 +343,9 @@ def _source(pair: Derivation, diag: Derivation, params: list) -> tuple[str, list
     cross = {l: f for l, f in fams.items() if l not in one}
     for f in fams.values():
         f.rhs = subst(f.rhs)
+    lift = _own_token_kernels(pair, one)
+    for f in cross.values():
+        f.rhs = lift(f.rhs)
     _hoist(cross, one)
 
     def per_input_store(label, fam, row):
@@ -337,11 +371,13 @@ def _source(pair: Derivation, diag: Derivation, params: list) -> tuple[str, list
 
     for f in dfams.values():
         f.rhs = subst(f.rhs)
-    pair_outputs = [subst(pair.nngp if pair.nngp is not None else sp.Integer(0))] + \
-        [subst(pair.ntk_terms[n]) for n in term_names]
+    pair_outputs = [lift(subst(pair.nngp if pair.nngp is not None else sp.Integer(0)))] + \
+        [lift(subst(pair.ntk_terms[n])) for n in term_names]
     diag_outputs = [subst(diag.nngp if diag.nngp is not None else sp.Integer(0))] + \
         [subst(diag.ntk_terms[n]) for n in term_names]
-    scalars = [(e.lhs, subst(e.rhs)) for e in scalars]
+    scalars = [(e.lhs, lift(subst(e.rhs))) for e in scalars]
+    for l, f in one.items():                    # own token kernels the outputs read
+        storage.setdefault(l, per_input_store(l, f, "a" if f.axes[0] == 0 else "b"))
     dscalars = [(e.lhs, subst(e.rhs)) for e in dscalars]
     pr.p.names.update({sp.Symbol(f"theta[{k}]"): f"theta[{k}]" for k in range(len(params))})
     for s, _ in scalars + dscalars:
