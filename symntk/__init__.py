@@ -14,10 +14,10 @@ Quick start::
     print(d.latex())
     k = d.gram(X)          # k.nngp, k.ntk
 """
-from .program import (Bias, Carry, Embedding, FixedReadout, Input, MatMul, Moment, Nonlin,
+from .program import (AvgPool, Bias, Carry, Conv, Embedding, FixedReadout, Input, MatMul, Moment, Nonlin,
                       OutputBias, Pool, Program, ProgramError, Readout, Repeat, Scan, Transpose,
                       Vector, VectorReadout, Weight, WIDTH, nonlin, repeat, scan)
-from .builders import gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
+from .builders import cnn, gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
 from .derivation import derive
 from .equations import Derivation, Equation, Loop
 from .evaluate import gram
@@ -33,9 +33,9 @@ from . import examples
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bias", "Carry", "Embedding", "FixedReadout", "Input", "MatMul", "Moment", "Nonlin",
+    "AvgPool", "Bias", "Carry", "Conv", "Embedding", "FixedReadout", "Input", "MatMul", "Moment", "Nonlin",
     "OutputBias", "Pool", "Program", "ProgramError", "Readout", "Repeat", "Scan", "Transpose",
-    "Vector", "VectorReadout", "Weight", "WIDTH", "nonlin", "repeat", "scan", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
+    "Vector", "VectorReadout", "Weight", "WIDTH", "nonlin", "repeat", "scan", "mlp", "cnn", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
     "lstm", "Derivation", "Equation",
     "Loop", "derive", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
