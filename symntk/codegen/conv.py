@@ -370,13 +370,20 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
                 out(3, f"for k in range(dims[{i}, 0]):")
                 out(4, f"for l in range(dims[{i}, 1]):")
                 out(5, f"s = C{src}[i, j, k, l]")
-                out(5, "if same and i == k and j == l:")
-                _assign_cse(out, 6, [s.C_same, s.dC_same], ["v", "dv"], same_names, "e")
-                out(5, "else:")
-                _assign_cse(out, 6, [C, dC], ["v", "dv"], names, "c")
+                _assign_cse(out, 5, [C, dC], ["v", "dv"], names, "c")
                 out(5, f"C{i}[i, j, k, l] = v")
                 out(5, f"T{i}[i, j, k, l] = dv * T{src}[i, j, k, l]" if has_t else
                     f"T{i}[i, j, k, l] = 0.0")
+                # a pixel with itself in one image: the one-variance forms (branch-free above,
+                # so the pixel-pair loop vectorises)
+                out(1, "if same:")
+                out(2, f"for i in range(dims[{i}, 0]):")
+                out(3, f"for j in range(dims[{i}, 1]):")
+                out(4, f"s = C{src}[i, j, i, j]")
+                _assign_cse(out, 4, [s.C_same, s.dC_same], ["v", "dv"], same_names, "e")
+                out(4, f"C{i}[i, j, i, j] = v")
+                out(4, f"T{i}[i, j, i, j] = dv * T{src}[i, j, i, j]" if has_t else
+                    f"T{i}[i, j, i, j] = 0.0")
             else:
                 out(1, f"for i in range(dims[{i}, 0]):")
                 out(2, f"for j in range(dims[{i}, 1]):")
