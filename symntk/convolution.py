@@ -57,7 +57,7 @@ from .activations import partial_derivative
 from .gaussian import GaussianExpectation, expect
 from .parametrization import bias_factor, weight_factor
 from .program import (AvgPool, Bias, Conv, Input, Node, Nonlin, OutputBias, Pool, Program,
-                      Readout, Vector)
+                      Readout, Vector, Weight)
 
 __all__ = ["ConvStep", "ConvDerivation", "derive_conv", "is_convolutional", "PIXEL_RULES",
            "Q1", "Q2", "S12", "Q"]
@@ -332,10 +332,8 @@ def derive_conv(program: Program, mode: str = "gia") -> ConvDerivation:
                                   "pixel positions")
     b = _Builder(program)
     for node in program.nodes:
-        if isinstance(node, (Readout, OutputBias)) or node == out.weight:
-            continue
-        if type(node).__name__ == "Weight":
-            continue
+        if isinstance(node, (Readout, OutputBias, Weight)):
+            continue            # parameters enter through the nodes that use them
         rule = PIXEL_RULES.get(type(node))
         if rule is None:
             raise NotImplementedError(f"{type(node).__name__} {node.label()!r} has no rule over "

@@ -181,23 +181,18 @@ def test_2d_paddings_relu_gap(images):
         symntk.derive(p).compile()(X1[:, :2])
 
 
-@pytest.mark.parametrize("readout", ["gap", "flatten"])
-def test_gap_vs_flatten_erf(images, readout):
+def test_flatten_erf_strides(images):
+    """A flatten readout without pooling reads same-pixel pairs only (the kernel keeps P entries
+    per image pair, not P^2); erf, strides and SAME / VALID layers."""
     X1, X2 = images
-    p = symntk.cnn(channels=(symntk.WIDTH,) * 3, filter_shape=(3, 3), activation="erf",
-                   bias_std=0.2, readout=readout)
-    layers = [((3, 3), (1, 1), "SAME", None)] * 3
-    _check(p, layers, readout, X1, X2, bstd=0.2, act="erf")
-    if readout == "flatten":
-        assert symntk.derive(p).spatial == "diagonal"   # same-pixel entries only
-
-
-def test_strides_and_mixed_paddings(images):
-    X1, X2 = images
-    p = symntk.cnn(filter_shape=[(3, 3), (2, 2)], strides=[(2, 1), (1, 2)],
-                   padding=["SAME", "VALID"], bias_std=0.1, readout="flatten")
-    layers = [((3, 3), (2, 1), "SAME", None), ((2, 2), (1, 2), "VALID", None)]
-    _check(p, layers, "flatten", X1, X2, bstd=0.1)
+    strides = [(2, 1), (1, 1), (1, 2)]
+    pads = ["SAME", "SAME", "VALID"]
+    filters = [(3, 3), (3, 3), (2, 2)]
+    p = symntk.cnn(channels=(symntk.WIDTH,) * 3, filter_shape=filters, activation="erf",
+                   strides=strides, padding=pads, bias_std=0.2, readout="flatten")
+    assert symntk.derive(p).spatial == "diagonal"
+    layers = list(zip(filters, strides, pads, [None] * 3))
+    _check(p, layers, "flatten", X1, X2, bstd=0.2, act="erf")
 
 
 def test_avgpool(images):
@@ -219,25 +214,21 @@ def test_1d():
     _check(p, layers, "gap", X1, X2, bstd=0.2)
 
 
-def test_standard_parametrization(images):
-    X1, X2 = images
-    widths = (4, 6)
-    p = symntk.cnn(channels=widths, filter_shape=(2, 2), bias_std=0.4, weight_std=1.1,
-                   parametrization="standard")
-    layers = [((2, 2), (1, 1), "SAME", None)] * 2
-    _check(p, layers, "gap", X1, X2, wstd=1.1, bstd=0.4, param="standard", widths=widths)
-
-
-def test_no_bias_and_symbolic_variance(images):
+def test_standard_parametrization_symbolic_variance(images):
     import sympy as sp
     X1, X2 = images
-    s = sp.Symbol("sigma_w", positive=True)
-    p = symntk.cnn(filter_shape=(3, 3), weight_std=s)
+    widths = (4, 6)
+    sw = sp.Symbol("sigma_w", positive=True)
+    p = symntk.cnn(channels=widths, filter_shape=(2, 2), bias_std=0.4, weight_std=sw,
+                   parametrization="standard")
+    layers = [((2, 2), (1, 1), "SAME", None)] * 2
     k = symntk.derive(p).compile()
-    n_ref, t_ref = reference(X1, X2, [((3, 3), (1, 1), "SAME", None)] * 2, "gap", wstd=1.7)
-    r = k(X1, X2, params={"sigma_w": 1.7})
-    _close(r.nngp, n_ref)
-    _close(r.ntk, t_ref)
+    for A, B in ((X1, X2), (X1, None)):     # None: the symmetric path, exact diagonal
+        n_ref, t_ref = reference(A, A if B is None else B, layers, "gap", wstd=1.1, bstd=0.4,
+                                 param="standard", widths=widths)
+        r = k(A, B, params={"sigma_w": 1.1})
+        _close(r.nngp, n_ref)
+        _close(r.ntk, t_ref)
     with pytest.raises(ValueError, match="sigma_w"):
         k(X1, X2)
 

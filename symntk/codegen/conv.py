@@ -28,7 +28,7 @@ from ..convolution import Q, Q1, Q2, S12, ConvDerivation
 
 __all__ = ["compile_conv", "ConvKernel"]
 
-CODEGEN_VERSION = "c1"
+CODEGEN_VERSION = "c2"
 
 _WINDOWS = '''
 
@@ -65,17 +65,25 @@ def _win_pair1(src, dst, f, s, pad, circ):
     """dst[i, o2, k, o4] = sum_d src[i, s o2 + d - pad, k, s o4 + d - pad] (axis 1)."""
     H, n, Wo = src.shape[0], src.shape[1], dst.shape[1]
     dst[:] = 0.0
-    for i in range(H):
-        for k in range(H):
-            for o2 in range(Wo):
-                for d in range(f):
+    for d in range(f):
+        # the outputs o whose tap s o + d - pad lies inside: one contiguous range (no branch in
+        # the inner loop); CIRCULAR wraps every tap
+        lo, hi = 0, Wo
+        if not circ:
+            lo = max(0, -((d - pad) // s))
+            hi = min(Wo, (n - 1 - d + pad) // s + 1)
+        for i in range(H):
+            for k in range(H):
+                for o2 in range(Wo):
                     j = _tap(o2, d, s, pad, n, circ)
                     if j < 0:
                         continue
-                    for o4 in range(Wo):
-                        l = _tap(o4, d, s, pad, n, circ)
-                        if l >= 0:
-                            dst[i, o2, k, o4] += src[i, j, k, l]
+                    if circ:
+                        for o4 in range(Wo):
+                            dst[i, o2, k, o4] += src[i, j, k, (s * o4 + d - pad) % n]
+                    else:
+                        for o4 in range(lo, hi):
+                            dst[i, o2, k, o4] += src[i, j, k, s * o4 + d - pad]
 
 
 @njit(cache=CACHE)
