@@ -14,11 +14,11 @@ Quick start::
     print(d.latex())
     k = d.gram(X)          # k.nngp, k.ntk
 """
-from .program import (Bias, Carry, Concat, Dropout, Embedding, FixedReadout, Input, MatMul,
-                      Moment, Nonlin, OutputBias, Pool, Program, ProgramError, Readout, Repeat,
-                      Scan, Transpose, Vector, VectorReadout, Weight, WIDTH, concat, dropout,
+from .program import (AvgPool, Bias, Carry, Concat, Conv, Dropout, Embedding, FixedReadout, Input,
+                      MatMul, Moment, Nonlin, OutputBias, Pool, Program, ProgramError, Readout,
+                      Repeat, Scan, Transpose, Vector, VectorReadout, Weight, WIDTH, concat, dropout,
                       nonlin, repeat, scan)
-from .builders import gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
+from .builders import cnn, gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
 from .activations import JumpWarning
 from .derivation import derive
 from .equations import Derivation, Equation, Loop
@@ -35,10 +35,11 @@ from . import examples
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bias", "Carry", "Concat", "Dropout", "Embedding", "FixedReadout", "Input", "MatMul", "Moment",
-    "Nonlin",
-    "OutputBias", "Pool", "Program", "ProgramError", "Readout", "Repeat", "Scan", "Transpose",
-    "Vector", "VectorReadout", "Weight", "WIDTH", "concat", "dropout", "nonlin", "repeat", "scan", "mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru",
+    "AvgPool", "Bias", "Carry", "Concat", "Conv", "Dropout", "Embedding", "FixedReadout", "Input",
+    "MatMul", "Moment", "Nonlin", "OutputBias", "Pool", "Program", "ProgramError", "Readout",
+    "Repeat", "Scan", "Transpose", "Vector", "VectorReadout", "Weight", "WIDTH", "concat",
+    "dropout", "nonlin", "repeat", "scan", "mlp", "cnn", "residual_mlp", "tied_mlp", "rnn",
+    "stacked_rnn", "gru",
     "lstm", "Derivation", "Equation",
     "Loop", "derive", "JumpWarning", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",

@@ -12,10 +12,11 @@ from sympy import Lambda, Symbol
 
 from .program import _expr, _variance as _check_variance
 
-from .program import (POOLINGS, WIDTH, Bias, Carry, Input, Nonlin, OutputBias, Pool, Program,
-                      ProgramError, Readout, Scan, Vector, Weight, nonlin, repeat)
+from .program import (PADDINGS, POOLINGS, WIDTH, AvgPool, Bias, Carry, Conv, Input, Nonlin,
+                      OutputBias, Pool, Program, ProgramError, Readout, Scan, Vector, Weight,
+                      nonlin, repeat)
 
-__all__ = ["mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru", "lstm"]
+__all__ = ["mlp", "residual_mlp", "tied_mlp", "rnn", "stacked_rnn", "gru", "lstm", "cnn"]
 
 D_IN = sp.Symbol("d", positive=True, integer=True)
 
@@ -282,3 +283,70 @@ def lstm(weight_std=1.0, input_std=1.0, bias_std=None, readout="last", parametri
     states = Scan(h, h_new, None, "h", coupled=[(c, c_new, None)])
     return _recurrent_program(states, readout, readout_std, bias_std, parametrization,
                               readout_bias, f"lstm_{readout}")
+
+
+def cnn(channels=(WIDTH, WIDTH), filter_shape=(3, 3), activation="relu", padding="SAME",
+        strides=None, pool=None, readout="gap", weight_std=1.0, bias_std=None,
+        parametrization="ntk", input_channels=D_IN, readout_bias=True) -> Program:
+    """A convolutional network as a ``stax.serial`` of Conv -> activation blocks, then global
+    average pooling (``readout="gap"``) or ``"flatten"``, then a Dense(1) readout:
+
+        h^l = W^l * x^{l-1} + b^l,  x^l = phi(h^l)  [-> AvgPool],  f = v . pool(x^L) + b_out
+
+    One block per entry of ``channels`` (numbers, or the width symbol n: the kernel does not
+    depend on them in NTK parametrization).  ``filter_shape`` is one shape (a tuple, or an int
+    for 1-D) for every layer, or a *list* with one shape per layer; its length (1 or 2) sets 1-D
+    signals (N, T, C) or 2-D images (N, H, W, C).  ``padding`` (``"SAME"``, ``"VALID"``,
+    ``"CIRCULAR"``), ``strides`` and ``pool`` likewise: one value, or a list per layer.  ``pool=(window, strides, padding)`` (or a list per layer, None to skip) adds
+    an AvgPool after the activation.  Neural Tangents' conventions: ``Conv(c, filter_shape,
+    strides, padding, W_std=weight_std, b_std=bias_std, parameterization=...)`` with fan-in
+    C_in * prod(filter), input kernel x.x'/C per pixel pair; ``bias_std=None``: no biases.
+    """
+    if isinstance(channels, (int, sp.Expr)):
+        channels = (channels,)
+    channels = tuple(channels)
+    if not channels:
+        raise ProgramError("cnn needs at least one convolutional layer (channels=(...))")
+    L = len(channels)
+    _check_arguments(L, weight_std, bias_std, readout_bias)
+    if readout not in ("gap", "flatten"):
+        raise ProgramError(f"readout must be 'gap' (global average pooling) or 'flatten', "
+                           f"got {readout!r}")
+
+    def per_layer(value, what):
+        """A list gives one entry per layer; anything else is one value for every layer."""
+        if not isinstance(value, list):
+            return [value] * L
+        if len(value) != L:
+            raise ProgramError(f"{what} has {len(value)} entries for {L} layers")
+        return value
+
+    filters = per_layer(filter_shape, "filter_shape")
+    first = filters[0]
+    rank = 1 if isinstance(first, int) else len(first)
+    if rank not in (1, 2):
+        raise ProgramError(f"filter_shape {first!r}: 1-D or 2-D convolutions only")
+    paddings = per_layer(padding, "padding")
+    stride_list = per_layer(strides, "strides")
+    pools = per_layer(pool, "pool")
+    axes = ("t",) if rank == 1 else ("h", "w")
+    x = Input("x", input_channels, positions=axes)
+    wvar = _variance(weight_std, "weight_std")
+    for l, (c, f, pad, st, pl) in enumerate(zip(channels, filters, paddings, stride_list, pools),
+                                            start=1):
+        f = (f,) * rank if isinstance(f, int) else tuple(f)
+        size = int(sp.prod(f))
+        W = Weight(f"W{l}", fan_out=c, fan_in=x.dim * size, variance=wvar,
+                   parametrization=parametrization)
+        h = Conv(W, x, f, st, pad, name=f"conv{l}")
+        if bias_std is not None:
+            h = h + Bias(f"b{l}", dim=c, variance=_variance(bias_std, "bias_std"),
+                         parametrization=parametrization)
+        x = nonlin(activation, h.named(f"h{l}"), name=f"x{l}")
+        if pl is not None:
+            window, pst, ppad = pl
+            x = AvgPool(x, window, pst, ppad, name=f"pool{l}")
+    pooled = Pool(x, "mean" if readout == "gap" else "flatten", name="gap" if readout == "gap"
+                  else "flat")
+    return Program(_readout(pooled, weight_std, bias_std, parametrization, readout_bias),
+                   name=f"cnn{L}")

@@ -154,6 +154,11 @@ def derive(program: Program, mode: str = "gia", fold: bool = True,
     if not isinstance(program, Program):
         raise TypeError(f"derive needs a Program, got {type(program).__name__}")
     found = _check_jumps(program, jumps)
+    from .convolution import derive_conv, is_convolutional
+    if is_convolutional(program):
+        # pixels are positions, a Conv shares one matrix per filter offset: the pixel-pair
+        # recursion of the CNTK (symntk.convolution)
+        return derive_conv(program, mode)
     engine_mode = mode
     if mode == "exact" and any(inp.positions for inp in program.inputs):
         # Over positions the Zdot sums of TP3 Box 1 run over every position of a shared weight.

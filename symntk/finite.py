@@ -45,7 +45,8 @@ import sympy as sp
 
 from .activations import partial_derivative
 from .parametrization import bias_factor, raw_weight_factor
-from .program import (PARAMETRIZATIONS, Bias, Carry, Concat, Dropout, Embedding, FixedReadout,
+from .program import (PARAMETRIZATIONS, AvgPool, Bias, Carry, Concat, Conv, Dropout, Embedding,
+                      FixedReadout,
                       Input, MatMul, Moment, Node, Nonlin, OutputBias, Pool, Program, Readout,
                       READOUTS, Scan, Transpose, VectorReadout, Weight, _children)
 from .binding import by_name as _by_name, subs_by_name as _subs
@@ -223,11 +224,12 @@ def _fwd_bias(net, node: Bias, env, n):
 
 
 def _lifted(args: list[np.ndarray]) -> tuple[list[np.ndarray], tuple]:
-    """Broadcast position-free arguments (N, k) over the positions of positioned ones (N, T, k):
-    a Bias or a pooled vector is the same at every position.  Returns the arrays and the leading
-    shape, (N,) or (N, T)."""
+    """Broadcast position-free arguments (N, k) over the positions of positioned ones (N, T, k)
+    or (N, H, W, k): a Bias or a pooled vector is the same at every position.  Returns the arrays
+    and the leading shape, (N,), (N, T) or (N, H, W)."""
     ndim = max(a.ndim for a in args)
-    lifted = [a[:, None, :] if a.ndim < ndim else a for a in args]
+    lifted = [a.reshape(a.shape[:1] + (1,) * (ndim - a.ndim) + a.shape[1:]) if a.ndim < ndim
+              else a for a in args]
     return lifted, np.broadcast_shapes(*(a.shape[:-1] for a in lifted))
 
 
@@ -248,8 +250,76 @@ def _fwd_moment(net, node: Moment, env, n):
 
 
 def _fwd_pool(net, node: Pool, env, n):
-    x = env[node.vector]  # (N, T, dim) -> (N, dim)
-    return x.mean(axis=1) if node.how == "mean" else x[:, -1]
+    x = env[node.vector]  # (N, T, dim) or (N, H, W, dim) -> (N, dim)
+    if node.how == "flatten":
+        raise NotImplementedError("the finite-width referee does not flatten yet (its readout's "
+                                  "fan-in n P depends on the image size): use Pool(x, 'mean')")
+    return x.mean(axis=tuple(range(1, x.ndim - 1))) if node.how == "mean" else x[:, -1]
+
+
+def _window_taps(node, spatial: tuple) -> tuple[list, tuple]:
+    """For each filter offset k, per axis, the input index s o + k - pad read by every output
+    position o and whether it lies inside the image (SAME: zero outside; CIRCULAR: wrapped),
+    as Neural Tangents / XLA place the window; and the output shape."""
+    taps, outs, pads = [], [], []
+    for n_, f, st in zip(spatial, node.filter_shape, node.strides):
+        if node.padding == "VALID":
+            if n_ < f:
+                raise ValueError(f"{node.label()!r}: a VALID window of {f} does not fit {n_} "
+                                 "positions")
+            o, pad = (n_ - f) // st + 1, 0
+        else:
+            o = -(-n_ // st)
+            pad = max((o - 1) * st + f - n_, 0) // 2
+        outs.append(o)
+        pads.append(pad)
+    for k in np.ndindex(*node.filter_shape):
+        per_axis = []
+        for kk, n_, st, o, pad in zip(k, spatial, node.strides, outs, pads):
+            i = st * np.arange(o) + kk - pad
+            if node.padding == "CIRCULAR":
+                per_axis.append((i % n_, np.ones(o, dtype=bool)))
+            else:
+                inside = (i >= 0) & (i < n_)
+                per_axis.append((np.where(inside, i, 0), inside))
+        taps.append(per_axis)
+    return taps, tuple(outs)
+
+
+def _gather(x: np.ndarray, per_axis) -> np.ndarray:
+    """x (N, *spatial, c) read at one filter offset: (N, *out, c), zero outside the image."""
+    idx = np.ix_(*[i for i, _ in per_axis])
+    return x[(slice(None),) + idx] * _mask(per_axis)[None, ..., None]
+
+
+def _mask(per_axis) -> np.ndarray:
+    """1 where every axis' index lies inside the image, as an outer product over the axes."""
+    return functools.reduce(np.multiply, np.ix_(*[m.astype(np.float64) for _, m in per_axis]))
+
+
+def _scatter(g: np.ndarray, per_axis, shape) -> np.ndarray:
+    """The adjoint of :func:`_gather`: g (N, *out, c) added back at the positions read."""
+    out = np.zeros(shape)
+    idx = np.ix_(*[i for i, _ in per_axis])
+    np.add.at(out, (slice(None),) + idx, g * _mask(per_axis)[None, ..., None])
+    return out
+
+
+def _patches(net, node, x):
+    taps, outs = _window_taps(node, x.shape[1:-1])
+    return np.stack([_gather(x, t) for t in taps], axis=-2), taps   # (N, *out, |F|, c)
+
+
+def _fwd_conv(net, node: Conv, env, n):
+    """y^p = sum_k W_k x^{s p + k - pad}: the patches (N, *out, |F| c) times W^T, W stored as
+    (n_out, |F| n_in), offset-major."""
+    P, _ = _patches(net, node, env[node.vector])
+    return P.reshape(P.shape[:-2] + (-1,)) @ net._params[node.weight].T
+
+
+def _fwd_avgpool(net, node: AvgPool, env, n):
+    P, _ = _patches(net, node, env[node.vector])
+    return P.sum(axis=-2) / node.filter_size
 
 
 def _fwd_scan(net, node: Scan, env, n):
@@ -298,7 +368,7 @@ def _fwd_dropout(net, node: Dropout, env, n):
 
 _FORWARD = {Input: _fwd_input, Embedding: _fwd_embedding, MatMul: _fwd_matmul, Bias: _fwd_bias,
             Nonlin: _fwd_nonlin, Moment: _fwd_moment, Pool: _fwd_pool, Scan: _fwd_scan,
-            Concat: _fwd_concat, Dropout: _fwd_dropout}
+            Concat: _fwd_concat, Dropout: _fwd_dropout, Conv: _fwd_conv, AvgPool: _fwd_avgpool}
 
 
 class _Env(dict):
@@ -361,7 +431,7 @@ def _bwd_bias(net, node: Bias, G, env, tape):
 def _unbroadcast(g: np.ndarray, value: np.ndarray) -> np.ndarray:
     """The cotangent of an argument that was broadcast over positions sums over them (a
     position-free Bias gets the sum of its uses at every t)."""
-    return g.sum(axis=1) if g.ndim > value.ndim else g
+    return g.sum(axis=tuple(range(1, 1 + g.ndim - value.ndim))) if g.ndim > value.ndim else g
 
 
 def _bwd_nonlin(net, node: Nonlin, G, env, tape):
@@ -388,12 +458,35 @@ def _bwd_moment(net, node: Moment, G, env, tape):
 
 def _bwd_pool(net, node: Pool, G, env, tape):
     x = env[node.vector]
-    if node.how == "mean":  # d/dx^t (1/T) sum_r x^r = 1/T at every t
-        tape.add(node.vector, np.broadcast_to(G[:, None, :] / x.shape[1], x.shape))
+    if node.how == "mean":  # d/dx^t (1/T) sum_r x^r = 1/T at every t (T: all positions)
+        lead = x.shape[1:-1]
+        G = G.reshape(G.shape[:1] + (1,) * len(lead) + G.shape[1:])
+        tape.add(node.vector, np.broadcast_to(G / int(np.prod(lead)), x.shape))
     else:                   # only the last position is read
         g = np.zeros(x.shape)
         g[:, -1] = G
         tape.add(node.vector, g)
+
+
+def _bwd_conv(net, node: Conv, G, env, tape):
+    """y = patches(x) W^T: d patches = G W, scattered back to x; dF/dW = sum_p G^p patch^p^T, one
+    factored use with a position axis (the filter is shared by every position)."""
+    x = env[node.vector]
+    P, taps = _patches(net, node, x)
+    W = net._params[node.weight]
+    n = G.shape[0]
+    tape.use(node.weight, G.reshape(n, -1, G.shape[-1]), P.reshape(n, -1, W.shape[1]))
+    if isinstance(node.vector, Input):
+        return
+    dP = (G @ W).reshape(P.shape)
+    dx = sum(_scatter(dP[..., k, :], t, x.shape) for k, t in enumerate(taps))
+    tape.add(node.vector, dx)
+
+
+def _bwd_avgpool(net, node: AvgPool, G, env, tape):
+    x = env[node.vector]
+    taps, _ = _window_taps(node, x.shape[1:-1])
+    tape.add(node.vector, sum(_scatter(G, t, x.shape) for t in taps) / node.filter_size)
 
 
 def _bwd_scan(net, node: Scan, G, env, tape):
@@ -444,7 +537,7 @@ def _bwd_dropout(net, node: Dropout, G, env, tape):
 
 _BACKWARD = {Input: _bwd_input, Embedding: _bwd_embedding, MatMul: _bwd_matmul, Bias: _bwd_bias,
              Nonlin: _bwd_nonlin, Moment: _bwd_moment, Pool: _bwd_pool, Scan: _bwd_scan,
-             Concat: _bwd_concat, Dropout: _bwd_dropout}
+             Concat: _bwd_concat, Dropout: _bwd_dropout, Conv: _bwd_conv, AvgPool: _bwd_avgpool}
 
 
 
@@ -874,7 +967,15 @@ def _positioned_gram(a1, b1, a2, b2, max_elements: int = 2 ** 22) -> np.ndarray:
 
 
 def _check_sequence(inp: Input, x: np.ndarray, d: int, lengths: dict) -> None:
-    """A sequence input is (N, T, d) with T >= 1; inputs on one axis share T."""
+    """A sequence input is (N, T, d) with T >= 1, an image (N, H, W, d); inputs on one axis
+    share T."""
+    rank = len(inp.position_axes)
+    if rank > 1:
+        if x.ndim != rank + 2 or 0 in x.shape:
+            raise ValueError(f"input {inp.name!r} has positions {inp.position_axes}: it must have "
+                             f"shape (N, {', '.join(a.upper() for a in inp.position_axes)}, {d}), "
+                             f"got shape {x.shape}")
+        return
     if x.ndim != 3:
         raise ValueError(f"input {inp.name!r} is a sequence (positions {inp.positions!r}): it must "
                          f"have shape (N, T, {d}), got shape {x.shape}"
@@ -964,7 +1065,7 @@ def _infer_input_dim(program: Program, X):
     dims = {}
     for inp in inputs:
         x = arrays.get(inp.name)
-        if x is not None and not inp.dim.is_Integer and np.ndim(x) == (3 if inp.positions else 2):
+        if x is not None and not inp.dim.is_Integer and np.ndim(x) == 2 + len(inp.position_axes):
             dims[inp.name] = int(np.shape(x)[-1])
     return dims or None
 

@@ -463,3 +463,14 @@ def derivation_text(d: Derivation) -> str:
         lines.append(f"nngp = {d.nngp}")
     lines.append(f"ntk = {d.ntk}")
     return "\n".join(lines)
+
+
+def conv_latex(d, environment: str = "align*") -> str:
+    """The pixel-pair recursion of a convolutional derivation (:mod:`symntk.convolution`), one
+    line per rule and layer, indices p, q over pixels and k over filter offsets."""
+    lines = []
+    for lhs, rhs, note in d.equations:
+        tail = r" && \text{%s}" % _escape(note) if note else ""
+        lines.append(f"{sp.latex(lhs)} &= {sp.latex(rhs)}{tail}")
+    body = " \\\\\n".join(lines)
+    return f"\\begin{{{environment}}}\n{body}\n\\end{{{environment}}}"

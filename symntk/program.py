@@ -47,7 +47,7 @@ __all__ = [
     "ProgramError", "Node", "Vector", "Input", "Weight", "Transpose", "Embedding", "Bias",
     "MatMul", "Concat", "concat", "Dropout", "dropout", "DROPOUT_MODES", "Nonlin", "Moment",
     "Carry", "Repeat", "Readout", "VectorReadout", "FixedReadout",
-    "READOUTS", "OutputBias", "Scan", "Pool", "POOLINGS", "scan",
+    "READOUTS", "OutputBias", "Scan", "Pool", "POOLINGS", "scan", "Conv", "AvgPool", "PADDINGS",
     "Program", "nonlin", "repeat", "PARAMETRIZATIONS", "WIDTH",
 ]
 
@@ -151,19 +151,45 @@ class Node(Basic):
         return r"\mathrm{%s}" % self.label().replace("_", r"\_")
 
 
+def _position_axes(positions) -> str:
+    """A position shape as one label: ``"t"`` (a sequence) or ``("h", "w")`` -> ``"h,w"`` (an
+    image: one position per pixel).  Vectors indexed by the same axes share the label."""
+    if positions is None or positions == "" or isinstance(positions, (str, Str)):
+        axes = tuple(a for a in (_str(positions) or "").split(",") if a)
+    elif isinstance(positions, (tuple, list, Tuple)):
+        axes = tuple(_str(a) for a in positions)
+    else:
+        raise ProgramError(f"positions must be an axis name or a tuple of axis names, got "
+                           f"{positions!r}")
+    for a in axes:
+        if not isinstance(a, str) or not a.isidentifier():
+            raise ProgramError(f"position axis names must be identifiers, got {a!r}")
+    if len(set(axes)) != len(axes):
+        raise ProgramError(f"position axes {axes} repeat a name")
+    return ",".join(axes)
+
+
 class Input(Node):
     """The network input: xi in R^d, or with ``positions="t"`` a sequence xi^1..xi^T of tokens in
-    R^d (data of shape (N, T, d); T may differ between the two sides of a kernel).  Only an
-    ``Embedding`` may consume it: the input never lives in width space (TP1 §4)."""
+    R^d (data of shape (N, T, d); T may differ between the two sides of a kernel), or with
+    ``positions=("h", "w")`` an image of H x W pixels in R^d (data (N, H, W, d), channels last):
+    the positions then have a shape, one axis per name.  Only an ``Embedding`` (or a ``Conv``)
+    may consume it: the input never lives in width space (TP1 §4)."""
 
     def __new__(cls, name: str = "xi", dim=Symbol("d", positive=True, integer=True),
-                positions: str | None = None):
+                positions: str | tuple | None = None):
         return super().__new__(cls, Str(_str(name)), _dim(dim, f"dimension of input {name!r}"),
-                               Str(_str(positions or "")))
+                               Str(_position_axes(positions)))
 
     name = property(lambda self: self.args[0].name)
     dim = property(lambda self: self.args[1])
     positions = property(lambda self: self.args[2].name or None)
+
+    @property
+    def position_axes(self) -> tuple:
+        """The names of the position axes: () for one vector per example, ("t",) for a
+        sequence, ("h", "w") for an image."""
+        return tuple(a for a in self.args[2].name.split(",") if a)
 
     def label(self):
         return self.name
@@ -727,13 +753,17 @@ def _check_scan_state(label, carry, body, init, carries, positions):
             raise ProgramError(f"the init of Scan {label!r} uses its own carry")
 
 
-#: how a pooling readout reduces positions: mean over t, or the last position t = T.
-POOLINGS = ("mean", "last")
+#: how a pooling readout reduces positions: mean over t, the last position t = T, or every
+#: position kept side by side (a flattened image, read by a Dense layer of fan-in n P).
+POOLINGS = ("mean", "last", "flatten")
 
 
 class Pool(Vector):
-    """A position-free vector from a positioned one: (1/T) sum_t x^t (``"mean"``) or x^T
-    (``"last"``), e.g. the average-pooled or last-state readout of an RNN (TP2 App. E.2)."""
+    """A position-free vector from a positioned one: (1/T) sum_t x^t (``"mean"``; over every
+    pixel of an image, global average pooling), x^T (``"last"``), e.g. the average-pooled or
+    last-state readout of an RNN (TP2 App. E.2), or ``"flatten"``: the concatenation of x^t
+    over all P positions, which a readout reads as v . vec(x) / sqrt(n P) (Neural Tangents'
+    ``Flatten``; its kernel is (1/P) sum_t E[Z^{x^t} Z^{x'^t}], same positions only)."""
 
     def __new__(cls, vec: Vector, how: str = "mean", name: str = ""):
         if not isinstance(vec, Vector):
@@ -755,6 +785,132 @@ class Pool(Vector):
 
     def label(self):
         return self.name or f"{self.how}_t {self.vector.label()}"
+
+
+#: Padding of a convolution or pooling window (Neural Tangents' ``Padding``): zeros around the
+#: image with the output the size of the input / stride (``"SAME"``), no padding
+#: (``"VALID"``), or the image wrapped around as a torus (``"CIRCULAR"``).
+PADDINGS = ("SAME", "VALID", "CIRCULAR")
+
+
+def _window(values, rank: int, what: str, default=None) -> Tuple:
+    if values is None:
+        values = default
+    if isinstance(values, (int, sp.Integer)) and not isinstance(values, bool):
+        values = (values,) * rank
+    if not isinstance(values, (tuple, list, Tuple)) or len(values) != rank:
+        raise ProgramError(f"{what} must be {rank} positive integer(s), one per position axis, "
+                           f"got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, sp.Integer)) or int(v) < 1:
+            raise ProgramError(f"{what} must be positive integers, got {values!r}")
+        out.append(sp.Integer(int(v)))
+    return Tuple(*out)
+
+
+def _padding(padding) -> Str:
+    p = _str(padding)
+    if not isinstance(p, str) or p.upper() not in PADDINGS:
+        raise ProgramError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
+    return Str(p.upper())
+
+
+def _positioned(vec, what: str):
+    if not isinstance(vec, (Input, Vector)):
+        raise ProgramError(f"{what} reads a positioned vector or input, got {type(vec).__name__}")
+    if vec.positions is None:
+        raise ProgramError(f"{what}: {vec.label()!r} has no positions (an image input is "
+                           "Input(name, channels, positions=('h', 'w')))")
+    return len(vec.positions.split(","))
+
+
+class Conv(Vector):
+    """y = W * x, a convolution over the positions of x (pixels, or tokens):
+
+        y^p = sum_{k in F} W_k x^{s p + k - pad}
+
+    one matrix W_k : A(n_out, n_in) per filter offset k, shared by every position p (Novak et
+    al. 2019; Arora et al. 2019).  ``weight`` holds all of them side by side, a
+    ``Weight(fan_out=n_out, fan_in=n_in * |F|)``, so its entries have variance sigma^2 / (n_in |F|):
+    Neural Tangents' fan-in C_in * prod(filter).  Positions outside the image read zero
+    (``"SAME"``; the window sum is still divided by the whole |F|), are never visited
+    (``"VALID"``), or wrap around (``"CIRCULAR"``).  ``x`` is a positioned vector or the image
+    ``Input`` itself (the first layer).
+    """
+
+    def __new__(cls, weight: Weight, vec, filter_shape, strides=None, padding: str = "SAME",
+                name: str = ""):
+        if not isinstance(weight, Weight):
+            raise ProgramError(f"a convolution needs a Weight, got {type(weight).__name__}")
+        rank = _positioned(vec, f"Conv {weight.label()!r}")
+        filt = _window(filter_shape, rank, f"filter shape of Conv {weight.label()!r}")
+        strides = _window(strides, rank, f"strides of Conv {weight.label()!r}", default=1)
+        size = int(sp.prod(filt))
+        if sp.simplify(weight.fan_in - vec.dim * size) != 0:
+            raise ProgramError(
+                f"dimension mismatch in Conv {weight.label()}: fan_in {weight.fan_in} != "
+                f"input channels {vec.dim} x filter size {size} (one matrix per filter offset)")
+        return super().__new__(cls, weight, vec, filt, strides, _padding(padding),
+                               Str(_str(name)))
+
+    weight = property(lambda self: self.args[0])
+    vector = property(lambda self: self.args[1])
+    filter_shape = property(lambda self: tuple(int(f) for f in self.args[2]))
+    strides = property(lambda self: tuple(int(s) for s in self.args[3]))
+    padding = property(lambda self: self.args[4].name)
+    dim = property(lambda self: self.args[0].fan_out)
+    positions = property(lambda self: self.args[1].positions)
+    name = property(lambda self: self.args[5].name or None)
+    matrix = weight
+
+    @property
+    def operands(self) -> tuple:
+        return (self.vector,) if isinstance(self.vector, Vector) else ()
+
+    @property
+    def filter_size(self) -> int:
+        return int(sp.prod(self.filter_shape))
+
+    def named(self, name):
+        return Conv(self.weight, self.vector, self.filter_shape, self.strides, self.padding, name)
+
+    def label(self):
+        return self.name or f"{self.weight.label()} * {self.vector.label()}"
+
+
+class AvgPool(Vector):
+    """y^p = (1/|F|) sum_{k in F} x^{s p + k - pad}: average pooling over a window of positions
+    (no parameters; Neural Tangents' ``AvgPool`` with ``normalize_edges=False``: at SAME borders
+    the sum is still divided by the whole window; strides default to 1, as there)."""
+
+    def __new__(cls, vec: Vector, window_shape, strides=None, padding: str = "VALID",
+                name: str = ""):
+        if not isinstance(vec, Vector):
+            raise ProgramError(f"AvgPool pools a width-space vector, got {type(vec).__name__}")
+        rank = _positioned(vec, "AvgPool")
+        window = _window(window_shape, rank, "window shape of AvgPool")
+        strides = _window(strides, rank, "strides of AvgPool", default=1)
+        return super().__new__(cls, vec, window, strides, _padding(padding), Str(_str(name)))
+
+    vector = property(lambda self: self.args[0])
+    filter_shape = property(lambda self: tuple(int(f) for f in self.args[1]))
+    strides = property(lambda self: tuple(int(s) for s in self.args[2]))
+    padding = property(lambda self: self.args[3].name)
+    dim = property(lambda self: self.args[0].dim)
+    positions = property(lambda self: self.args[0].positions)
+    name = property(lambda self: self.args[4].name or None)
+    operands = property(lambda self: (self.args[0],))
+
+    @property
+    def filter_size(self) -> int:
+        return int(sp.prod(self.filter_shape))
+
+    def named(self, name):
+        return AvgPool(self.vector, self.filter_shape, self.strides, self.padding, name)
+
+    def label(self):
+        return self.name or f"avgpool {self.vector.label()}"
 
 
 def scan(body: Callable[[Vector], Vector], positions: str = "t", init: Vector | None = None,
