@@ -63,6 +63,8 @@ __all__ = [
     "DualActivation",
     "MEAN_RULES",
     "PAIR_RULES",
+    "SafePow",
+    "correlation_gap",
 ]
 
 Expr = sympy.Expr
@@ -277,6 +279,80 @@ def _erf_step(s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
     return sympy.asin(sqrt(2) * s12 / (sqrt(s22) * sqrt(1 + 2 * s11))) / pi
 
 
+# --------------------------------------------------------------------------------------
+# Numerically stable forms near c = 1 and the zero-variance limits
+# --------------------------------------------------------------------------------------
+class SafePow(sympy.Function):
+    r"""``x**p`` for ``x > 0``, else 0: the zero-variance limit of a negative power of a variance.
+
+    A correlation ``c = S12 / sqrt(S11 S22)`` (TP2 Facts E.2, E.3) is 0/0 at a zero variance
+    (an input of zero norm in a network without biases), but every closed form multiplies the
+    terms that use it by a power of that variance or by a zero covariance, so any finite value
+    gives the right limit; the table's convention is ``c = 0`` there, i.e. ``E phi(g1) psi(g2) =
+    phi(0) E psi(g2)`` for ``g1 = 0``.  The NumPy evaluator (:func:`symntk.numeric.lambdify`)
+    and the Numba printer translate this one head; neither has a convention of its own.
+    """
+    nargs = 2
+
+    @classmethod
+    def eval(cls, x, p):
+        if x.is_Number and p.is_Number:
+            return x ** p if x > 0 else sympy.S.Zero
+        return None
+
+    def _latex(self, printer: Any) -> str:
+        return printer._print(sympy.Pow(self.args[0], self.args[1], evaluate=False))
+
+
+def correlation_gap(s11: Expr, s22: Expr, dist: Expr) -> Expr:
+    r"""``1 - c`` of two centred Gaussians from their variances and ``dist = E (g1 - g2)^2``.
+
+    ``1 - c = (dist - (sqrt(S11) - sqrt(S22))^2) / (2 sqrt(S11 S22))`` is exact algebra
+    (``dist = S11 + S22 - 2 S12``) but, unlike ``1 - S12/sqrt(S11 S22)``, keeps its relative
+    precision when ``c -> 1``, provided ``dist`` is carried through the recursion itself (from
+    ``||xi - xi'||^2 / d``; biases cancel in it): then ``theta = 2 asin(sqrt((1 - c)/2))`` is
+    accurate to rounding even for near-duplicate inputs, where ``acos(c)`` turns a rounding
+    error of 1e-16 in ``c`` into 1e-8 in ``theta``.  At a zero variance it is 1 (``c = 0``, the
+    convention of :class:`SafePow`).
+    """
+    # The numeric paths give the gap its own equation (an atom in the closed forms that read it:
+    # SymPy would distribute a Piecewise into them).  One relational (both variances are >= 0),
+    # which NumPy's select broadcasts over (N1, N2).
+    formula = (dist - (sqrt(s11) - sqrt(s22)) ** 2) / (2 * sqrt(s11) * sqrt(s22))
+    return sympy.Piecewise((formula, s11 * s22 > 0), (sympy.S.One, True))
+
+
+def _angle(gap: Expr) -> Expr:
+    r"""``theta = acos(1 - gap) = 2 asin(sqrt(gap / 2))``, stable for small ``gap``."""
+    return 2 * sympy.asin(sqrt(gap / 2))
+
+
+def _relu_relu_stable(s11: Expr, s22: Expr, gap: Expr) -> Expr:
+    r""":func:`_relu_relu` in the angle: ``sin theta = sqrt(gap (2 - gap))``, ``c = 1 - gap``."""
+    theta = _angle(gap)
+    return sqrt(s11) * sqrt(s22) / (2 * pi) * (sqrt(gap * (2 - gap)) + (pi - theta) * (1 - gap))
+
+
+def _relu_relu_distance(s11: Expr, s22: Expr, dist: Expr, gap: Expr) -> Expr:
+    r"""E (relu g1 - relu g2)^2 = dist/2 - sqrt(S11 S22)/pi (sin theta - theta cos theta).
+
+    ``S11/2 + S22/2 - 2 E relu(g1) relu(g2)`` with Cho & Saul's J_1 written so that the part
+    linear in ``c`` is ``(S11 + S22 - 2 S12)/2 = dist/2``: no cancellation for close inputs.
+    """
+    theta = _angle(gap)
+    return dist / 2 - sqrt(s11) * sqrt(s22) / pi * (sqrt(gap * (2 - gap)) - theta * (1 - gap))
+
+
+def _step_step_stable(s11: Expr, s22: Expr, gap: Expr) -> Expr:
+    r""":func:`_step_step` in the angle: ``(pi - theta) / (2 pi)``."""
+    return (pi - _angle(gap)) / (2 * pi)
+
+
+def _step_step_distance(s11: Expr, s22: Expr, dist: Expr, gap: Expr) -> Expr:
+    r"""E (step g1 - step g2)^2 = 1/2 + 1/2 - 2 (pi - theta)/(2 pi) = theta / pi."""
+    return _angle(gap) / pi
+
+
 @dataclass(frozen=True)
 class ClosedForm:
     r"""One entry of :data:`PAIR_RULES`: the closed form and the name the papers give it.
@@ -288,12 +364,24 @@ class ClosedForm:
         V(q, q', rho) = E head1(g1) head2(g2),  (g1, g2) ~ N(0, [[q, rho sqrt(q q')], [., q']]),
 
     i.e. :meth:`dual`.  ``reference`` says where the formula comes from.  Printers show
-    ``name(...)`` with :meth:`dual` as its definition; the numbers always come from ``rule``.
+    ``name(...)`` with :meth:`dual` as its definition.
+
+    Entries whose rule goes through ``acos c`` (the arc-cosine kernels) also carry the same
+    expectation in a form that keeps its digits as ``c -> 1`` (near-duplicate inputs), which is
+    what the numeric paths evaluate (:mod:`symntk.numerics`):
+
+    * ``stable(S11, S22, gap)``: the expectation in terms of ``gap = 1 - c``
+      (:func:`correlation_gap`);
+    * ``distance(S11, S22, dist, gap)``: ``E (head(g1) - head(g2))^2`` for an entry with one head
+      twice, written without the cancellation of ``V(S11) + V(S22) - 2 V(S11, S12, S22)``: it is
+      the ``dist`` of the next layer's correlation.
     """
 
     rule: Callable[[Expr, Expr, Expr, Expr], Expr]
     name: str | None = None
     reference: str = ""
+    stable: Callable[[Expr, Expr, Expr], Expr] | None = None
+    distance: Callable[[Expr, Expr, Expr, Expr], Expr] | None = None
 
     def __call__(self, s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
         return self.rule(s11, s12, s22, c)
@@ -310,9 +398,11 @@ class ClosedForm:
 PAIR_RULES: Mapping[tuple[str, str], ClosedForm] = MappingProxyType(
     {
         ("relu", "relu"): ClosedForm(
-            _relu_relu, r"V_{\mathrm{relu}}", "arc-cosine kernel of degree 1: TP2 Fact E.2, Cho & Saul 2009"),
+            _relu_relu, r"V_{\mathrm{relu}}", "arc-cosine kernel of degree 1: TP2 Fact E.2, Cho & Saul 2009",
+            stable=_relu_relu_stable, distance=_relu_relu_distance),
         ("step", "step"): ClosedForm(
-            _step_step, r"V_{\mathrm{step}}", "arc-cosine kernel of degree 0: TP2 Fact E.2, Cho & Saul 2009"),
+            _step_step, r"V_{\mathrm{step}}", "arc-cosine kernel of degree 0: TP2 Fact E.2, Cho & Saul 2009",
+            stable=_step_step_stable, distance=_step_step_distance),
         ("relu", "step"): ClosedForm(_relu_step, r"V_{\mathrm{relu},\mathrm{step}}", "Stein's lemma"),
         ("erf", "erf"): ClosedForm(_erf_erf, r"V_{\mathrm{erf}}", "TP2 Fact E.3, Williams 1997"),
         ("erf", "relu"): ClosedForm(_erf_relu, r"V_{\mathrm{erf},\mathrm{relu}}", "Stein's lemma"),

@@ -14,8 +14,9 @@
    Rows can be processed in blocks (``block_rows``); memory does not depend on it, and one
    block is fastest (every block hands the cores from BLAS's threads to Numba's and back);
 3. with ``X2 = None`` only j > i is computed, the lower triangle is mirrored and the diagonal is
-   the diagonal system's (exact; the pair formulas lose digits to cancellation at c = 1:
-   sqrt(1 - c^2) turns a rounding error of 1e-16 in c into 1e-8, and deeper layers compound it).
+   the diagonal system's.  The pair formulas agree with it to rounding at identical inputs: they
+   read ``1 - c`` from squared distances (``||xi - xi'||^2/d``, staged in the NNGP output by
+   :func:`symntk.result.squared_distances`), not from ``c`` (:mod:`symntk.numerics`).
 
 Quadrature (expectations without closed forms, the V-transforms of TP2 Def. E.1): the node and
 weight arrays of :mod:`symntk.quadrature` are *arguments* of the jitted functions (never
@@ -46,7 +47,7 @@ from numba import njit, prange
 from . import codegen
 from .binding import bind, bind_parameters
 from .quadrature import QUADRATURE, rule_arrays
-from .result import KernelResult, check_pair
+from .result import KernelResult, check_pair, squared_distances
 
 __all__ = ["CompiledKernel", "compile"]
 
@@ -159,7 +160,11 @@ class CompiledKernel:
         T1, dn1, dk1, dt1 = self._per_input(X1, theta)
         T2 = np.ascontiguousarray((T1 if sym else self._per_input(X2, theta)[0]).T)
         ntk = np.empty((n1, n2))
-        nngp = np.empty((n1, n2)) if g.has_nngp else np.empty((1, 1))
+        # nngp also stages ||xi - xi'||^2/d for the stable correlations (read before written)
+        nngp = np.empty((n1, n2)) if (g.has_nngp or g.distance_inputs) else np.empty((1, 1))
+        if g.distance_inputs:
+            with _quiet_blas():
+                squared_distances(X1, X2, out=nngp)
         nt = max(len(g.term_names), 1)
         tarr = np.empty((nt, n1, n2)) if (terms and g.term_names) else np.empty((nt, 1, 1))
         rows = n1 if block_rows is None else max(1, int(block_rows))
@@ -197,6 +202,8 @@ class CompiledKernel:
         ntk = np.full((n, n), 0.1)
         nngp = np.empty((n, n))
         tarr = np.empty((max(len(g.term_names), 1), 1, 1))
+        if g.distance_inputs:
+            nngp = squared_distances(X, X)
         self.module.pairs(T, np.ascontiguousarray(T.T), theta, *self._rules, nngp, ntk, tarr,
                           False, 0, n, True, 1.0, np.zeros(n, dtype=np.int64), 2)
         _mirror(ntk)
