@@ -179,3 +179,33 @@ def test_property_close_pairs_match_the_high_precision_recursion(scale, sw, sb, 
     np.testing.assert_allclose(K.nngp, ref[0], rtol=1e-12, atol=0)
     np.testing.assert_allclose(K.ntk, ref[1], rtol=1e-12, atol=0)
 
+
+# ======================================================================== zero variance
+def test_zero_norm_input_without_bias_evaluator_and_kernel_agree(relu10):
+    """x = 0 and no biases: every variance of x is 0 and its correlations are 0/0.  The numeric
+    form takes the closed-form table's limit (c = 0, SafePow) in both paths; the numbers equal the
+    50-digit recursion, which takes rho = 0 there (E relu(0) relu(g) = 0, E step(0) step(g) = 1/4)."""
+    d, k = relu10
+    X0 = np.vstack([np.zeros(5), X[:2]])
+    params = {"sigma_w": 2 ** 0.5, "sigma_b": 0.0}
+    K, E = k(X0, params=params), d.gram(X0, params=params)
+    ref = reference_gram(X0, X0, DEPTH, 2.0, 0.0)
+    for got in (K, E):
+        assert np.all(np.isfinite(got.ntk)) and np.all(np.isfinite(got.nngp))
+        np.testing.assert_allclose(got.nngp, ref[0], rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(got.ntk, ref[1], rtol=1e-12, atol=1e-300)
+    np.testing.assert_array_equal(K.ntk[0], 0.0)
+    cross = k(X0, X[2:], params=params), d.gram(X0, X[2:], params=params)
+    np.testing.assert_allclose(cross[0].ntk, cross[1].ntk, rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("act", ["erf", "abs"])
+def test_zero_norm_input_other_closed_forms(act, kernel_cache):
+    """The same limit for an arcsine-law closed form (erf, TP2 Fact E.3) and a kinked one whose
+    correlation enters through Stein-derived forms (abs): evaluator == compiled kernel."""
+    d = derive(mlp(2, act, weight_std=1.5, input_dim=3))
+    X0 = np.array([[0.0, 0.0, 0.0], [1.0, -0.5, 2.0], [0.3, 0.2, -0.1]])
+    K, E = d.compile()(X0), d.gram(X0)
+    assert np.all(np.isfinite(K.ntk)) and np.all(np.isfinite(E.ntk))
+    np.testing.assert_allclose(K.ntk, E.ntk, rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(K.nngp, E.nngp, rtol=1e-13, atol=1e-300)
