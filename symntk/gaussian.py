@@ -65,6 +65,7 @@ __all__ = [
     "PAIR_RULES",
     "SafePow",
     "correlation_gap",
+    "reduce_node",
 ]
 
 Expr = sympy.Expr
@@ -701,19 +702,32 @@ def _rule_stein(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | No
     times heads of affine forms; every step lowers the polynomial degree by one, so the
     recursion terminates (derivatives of such heads carry no polynomial factor except
     erf' = 2 e^{-L^2}/sqrt(pi), which the Gaussian-factor rule absorbs first).  This is
-    how ``E gelu(u) gelu(v)`` gets its closed form.  Refused if any piece stays a node.
+    how ``E gelu(u) gelu(v)`` gets its closed form.
+
+    A Gaussian that enters *only* the polynomial factor (e.g. a readout vector reused as a bias:
+    ``E[u1^2 tanh'(u2) tanh'(u3)]``) is integrated out completely: the pieces are expectations of
+    derivatives of the heads over the other variables, one dimension fewer, and are kept even
+    where they have no closed form (quadrature in one or two dimensions instead of three).
+    Otherwise the rule is refused if any piece stays a node.
     """
     poly, rest = _split_polynomial(term, variables)
-    if not poly or not rest or not all(_is_head_of_affine(f, variables) for f in rest):
+    if not poly or not rest:
         return None
-    var = poly[0][0]
+    in_heads = set().union(*(f.free_symbols for f in rest))
+    eliminated = [v for v, _ in poly if v not in in_heads]
+    # Eliminating a variable terminates whatever the other factors are (each step lowers its
+    # degree; derivatives in the other variables never raise it); otherwise heads must be of
+    # affine forms, whose derivatives carry no new polynomial factor.
+    if not eliminated and not all(_is_head_of_affine(f, variables) for f in rest):
+        return None
+    var = eliminated[0] if eliminated else poly[0][0]
     j = variables.index(var)
     remainder = term / var
     total = []
     for l, v in enumerate(variables):
         if cov[j, l] != 0:
             piece = expect(sympy.diff(remainder, v), variables, cov)
-            if piece.has(GaussianExpectation):
+            if piece.has(GaussianExpectation) and not eliminated:
                 return None
             total.append(cov[j, l] * piece)
     return sympy.Add(*total)
@@ -910,6 +924,42 @@ def expect(integrand: Any, variables: Iterable[sympy.Symbol], cov: Any, named: b
         coeff, core = term.as_independent(*variables, as_Add=False)
         collected.setdefault(core, []).append(coeff)
     return sympy.Add(*(sympy.Add(*cs) * _reduce_term(core, variables, cov, named) for core, cs in collected.items()))
+
+
+def reduce_node(node: GaussianExpectation, named: bool = False) -> Expr:
+    r"""A :class:`GaussianExpectation` reduced by :func:`expect` under the derivation's policy.
+
+    Where the table closes the expectation or leaves one residual node, that is the result.  Where
+    it splits the node into several residual nodes, the split is kept only if it *lowers the
+    dimension* of every piece (Stein's lemma integrating out a Gaussian that enters polynomially,
+    :func:`_rule_stein`); the pieces over the same variables are then summed into one node (one
+    quadrature), so every remaining expectation is over the Gaussians that enter nonlinearly.
+    Otherwise the node stays whole: one quadrature of the whole integrand is cheaper and more
+    accurate than several of its pieces.  The derivation (``Derivation.reduced``), the LaTeX
+    printer and the numeric form all reduce through here.
+    """
+    reduced = expect(node.integrand, node.variables, node.cov, named=named)
+    residual = reduced.atoms(GaussianExpectation)
+    if len(residual) <= 1:
+        return reduced
+    if any(len(n.variables) >= len(node.variables) for n in residual):
+        return node
+    return merge_expectations(reduced)
+
+
+def merge_expectations(expr: Expr) -> Expr:
+    """``sum_k a_k E[f_k]`` with numeric ``a_k`` and one law -> ``E[sum_k a_k f_k]``."""
+    groups: dict = {}
+    rest = []
+    for term in sympy.Add.make_args(expr):
+        coeff, core = term.as_coeff_Mul()
+        if isinstance(core, GaussianExpectation):
+            groups.setdefault((core.variables, core.cov), []).append(coeff * core.integrand)
+        else:
+            rest.append(term)
+    merged = [GaussianExpectation(sympy.Add(*fs), variables, cov)
+              for (variables, cov), fs in groups.items()]
+    return sympy.Add(*rest, *merged)
 
 
 _U, _V = sympy.symbols("u v", real=True)

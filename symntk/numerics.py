@@ -36,7 +36,7 @@ from dataclasses import replace
 import sympy as sp
 
 from .equations import Derivation, Equation, Loop
-from .gaussian import DualActivation, GaussianExpectation, SafePow, correlation_gap, expect
+from .gaussian import DualActivation, GaussianExpectation, SafePow, correlation_gap, reduce_node
 
 __all__ = ["numeric_form"]
 
@@ -93,8 +93,7 @@ def _named(expr: sp.Expr, ref: sp.Expr) -> sp.Expr:
     LaTeX printer does); ``ref`` (the reduced expression) if that would change the value."""
     out = {}
     for n in expr.atoms(GaussianExpectation):
-        r = expect(n.integrand, n.variables, n.cov, named=True)
-        out[n] = n if len(r.atoms(GaussianExpectation)) > 1 else r
+        out[n] = reduce_node(n, named=True)
     candidate = sp.sympify(expr).xreplace(out)
     expanded = candidate.xreplace({n: n.doit() for n in candidate.atoms(DualActivation)})
     return candidate if expanded == ref else ref
