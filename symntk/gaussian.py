@@ -316,11 +316,12 @@ def correlation_gap(s11: Expr, s22: Expr, dist: Expr) -> Expr:
     error of 1e-16 in ``c`` into 1e-8 in ``theta``.  At a zero variance it is 1 (``c = 0``, the
     convention of :class:`SafePow`).
     """
-    # The numeric paths give the gap its own equation (an atom in the closed forms that read it:
-    # SymPy would distribute a Piecewise into them).  One relational (both variances are >= 0),
-    # which NumPy's select broadcasts over (N1, N2).
-    formula = (dist - (sqrt(s11) - sqrt(s22)) ** 2) / (2 * sqrt(s11) * sqrt(s22))
-    return sympy.Piecewise((formula, s11 * s22 > 0), (sympy.S.One, True))
+    # The numeric paths give the gap its own equation, an atom in the closed forms that read it
+    # (SymPy distributes products over sums: (1 - c)/2 must not become 1/2 - c/2).  No Piecewise:
+    # max(formula, 1 - [S11 > 0][S22 > 0]) is branch-free; formula >= 0 up to rounding (clipped).
+    inv = SafePow(s11, -sympy.S.Half) * SafePow(s22, -sympy.S.Half)    # 0 at a zero variance
+    formula = (dist - (sqrt(s11) - sqrt(s22)) ** 2) * inv / 2
+    return Max(formula, 1 - SafePow(s11, sympy.S.Zero) * SafePow(s22, sympy.S.Zero))
 
 
 def _angle(gap: Expr) -> Expr:

@@ -244,12 +244,12 @@ class _Stabilizer:
         eqs = [lhs for lhs in self.where if _key(lhs) == key]
         plan = []
         for lhs in eqs:
+            # (an entry without both twins, e.g. the last layer's C(xi, xi') of an MLP, is read
+            # by no correlation: it gets no companion)
             t0, t1 = self._twin_of(lhs, 0), self._twin_of(lhs, 1)
-            if t0 not in self.where or t1 not in self.where:
-                return None
-            if not (self.where[lhs][0] is self.where[t0][0] is self.where[t1][0]):
-                return None
-            plan.append((lhs, t0, t1))
+            if t0 in self.where and t1 in self.where and \
+                    self.where[lhs][0] is self.where[t0][0] is self.where[t1][0]:
+                plan.append((lhs, t0, t1))
         if not plan:
             return None
         indexed = any(isinstance(lhs, sp.Indexed) for lhs in eqs)

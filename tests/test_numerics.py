@@ -111,8 +111,8 @@ def test_stable_forms_equal_the_plain_rules(key):
 def test_correlation_gap_keeps_digits_and_defines_the_zero_variance_limit():
     """1 - c from the distance: exact 0 for identical Gaussians, full relative precision for
     near-identical ones (where 1 - S12/sqrt(S11 S22) is rounding noise), 1 at a zero variance."""
-    s11, s22, dist = sp.symbols("s11 s22 dist", real=True)
-    f = sp.lambdify((s11, s22, dist), correlation_gap(s11, s22, dist), "mpmath")
+    def f(a, b, dist):
+        return correlation_gap(*(sp.Float(str(x), 40) for x in (a, b, dist)))
     assert f(2.0, 2.0, 0.0) == 0
     with mpmath.workdps(40):                 # 1 - c for c = cos(1e-9) on (1, 1): 5e-19
         assert abs(float(f(1.0, 1.0, 2 * (1 - mpmath.cos(mpmath.mpf("1e-9"))))) / 5e-19 - 1) < 1e-12
@@ -120,14 +120,16 @@ def test_correlation_gap_keeps_digits_and_defines_the_zero_variance_limit():
     assert SafePow(sp.Integer(0), -sp.S.Half) == 0 and SafePow(sp.Integer(4), -sp.S.Half) == sp.S.Half
 
 
-def test_numeric_form_carries_distances_not_correlations():
+@pytest.mark.parametrize("depth", [2, 3])
+def test_numeric_form_carries_distances_not_correlations(depth):
     """Every arc-cosine closed form of the ReLU recursion reads a gap computed from ``dist``
-    companions, which start from ||xi - xi'||^2/d; no acos of a correlation is left."""
-    d = derive(mlp(3, "relu", bias_std=0.1, input_dim=2)).numeric()
+    companions, which start from ||xi - xi'||^2/d; no acos of a correlation is left (also in a
+    loop-free derivation, whose last layer has no diagonal twins)."""
+    d = derive(mlp(depth, "relu", bias_std=0.1, input_dim=2)).numeric()
     assert any(i.extra.get("distance") for i in d.inputs.values())
     rhs = [e.rhs for e in d.equations]
     assert not any(r.has(sp.acos) for r in rhs)
-    assert sum(r.has(sp.asin) for r in rhs) >= 4
+    assert sum(r.has(sp.asin) for r in rhs) >= 2 * depth - 1
     kinds = {i.kind for i in d.info.values()}
     assert {"dist", "gap"} <= kinds
 
