@@ -67,6 +67,7 @@ class Derivation:
     #: almost everywhere (zero at the jump), as autodiff and Neural Tangents' Sign do
     jumps: tuple = ()
     _reduced: object = field(default=None, repr=False, compare=False)
+    _numeric: object = field(default=None, repr=False, compare=False)
 
     def reduced(self) -> "Derivation":
         """The same equations with the closed-form table applied to every Gaussian expectation
@@ -86,8 +87,14 @@ class Derivation:
                 nngp=None if self.nngp is None else r(self.nngp), ntk=r(self.ntk),
                 ntk_terms={k: r(v) for k, v in self.ntk_terms.items()}, closed_forms=True,
                 diagonal=None if self.diagonal is None else self.diagonal.reduced(),
-                _reduced=None))
+                _reduced=None, _numeric=None))
         return self._reduced
+
+    def numeric(self) -> "Derivation":
+        """What the numeric paths evaluate: :meth:`reduced` with stable correlations near 1 and
+        the zero-variance limits of the closed-form table (:func:`symntk.numerics.numeric_form`)."""
+        from .numerics import numeric_form
+        return numeric_form(self)
 
     def __repr__(self) -> str:
         return (f"<Derivation of {self.program.name!r} ({self.mode}): {len(self.equations)} "

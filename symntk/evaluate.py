@@ -14,7 +14,7 @@ from .equations import Derivation, Equation, Loop
 from .gaussian import GaussianExpectation
 from .numeric import lambdify
 from .quadrature import gaussian_expectation
-from .result import KernelResult, check_pair
+from .result import KernelResult, check_pair, squared_distances
 
 __all__ = ["gram", "evaluate_pair"]
 
@@ -73,15 +73,14 @@ def gram(derivation: Derivation, X1, X2=None, params: dict | None = None,
 
 
 def _refuse_nan(*results):
-    """Never a silent wrong number: the closed forms divide by the variances, so an input of zero
-    norm in a network without biases is 0/0 here (the limit exists; the compiled kernel takes it)."""
+    """Never a silent wrong number.  (A zero variance is not one: the numeric form of the
+    derivation takes the closed-form table's zero-variance limits, as the compiled kernel does.)"""
     for r in results:
         for K in (r.ntk, r.nngp):
             if K is not None and not np.all(np.isfinite(K)):
                 raise ValueError(
-                    "the NumPy reference evaluator produced NaN/inf (an input of zero norm "
-                    "without biases makes a correlation 0/0); use derivation.compile(), whose "
-                    "kernel defines the zero-variance limit")
+                    "the NumPy reference evaluator produced NaN/inf (the recursion overflows "
+                    "float64 or an expectation has no finite value at these inputs)")
 
 
 def _diagonal(derivation: Derivation, X, params) -> KernelResult:
@@ -93,7 +92,7 @@ def _diagonal(derivation: Derivation, X, params) -> KernelResult:
 
 
 def _gram(derivation: Derivation, X1, X2, params, rows_only: bool = False) -> KernelResult:
-    derivation = derivation.reduced()
+    derivation = derivation.numeric()
     inputs = derivation.program.inputs
     if len(inputs) != 1:
         raise NotImplementedError("programs with several Input nodes need a dict of inputs")
@@ -104,7 +103,9 @@ def _gram(derivation: Derivation, X1, X2, params, rows_only: bool = False) -> Ke
         i, j = info.copies
         A = X1 if i == 0 else X2
         B = X1 if j == 0 else X2
-        if i == j == 0:
+        if info.extra.get("distance"):         # ||xi - xi'||^2 / d, for stable correlations
+            values[sym] = squared_distances(A, B)
+        elif i == j == 0:
             values[sym] = (np.einsum("ij,ij->i", A, A) / dim)[:, None]
         elif i == j == 1:
             values[sym] = (np.einsum("ij,ij->i", B, B) / dim)[None, :]
@@ -193,4 +194,5 @@ def _value(expr, values, consts, idx=None):
             vals.append(idx[s])
         else:
             raise KeyError(f"symbol {s} has no value")
-    return np.asarray(lambdify(args, expr, guarded=True)(*vals), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):   # Piecewise evaluates every branch
+        return np.asarray(lambdify(args, expr, guarded=True)(*vals), dtype=np.float64)

@@ -11,7 +11,7 @@ import sympy as sp
 from .program import (Bias, FixedReadout, Input, Nonlin, Program, Readout, Weight, nonlin)
 
 __all__ = ["tp2_section_6_3", "square_readout", "ata_v", "semicircle", "tied_readout_embedding",
-           "mean_pooled_readout", "trained_readout_square"]
+           "mean_pooled_readout", "trained_readout_square", "bias_reuse"]
 
 _a = sp.Symbol("a", real=True)
 
@@ -87,3 +87,16 @@ def mean_pooled_readout(act="relu", d: int = 3) -> Program:
     x1 = nonlin(act, (Weight("U", fan_in=d) @ xi).named("e"), name="x1")
     h = (Weight("W") @ x1).named("h")
     return Program(FixedReadout(nonlin(act, h, name="y")), name="mean_pooled_readout")
+
+
+def bias_reuse(act="tanh", d: int = 2) -> Program:
+    """A readout vector reused as a hidden bias, every parameter trained:
+    h = W U xi / sqrt(n) + v, f = v^T phi(h) / sqrt(n).  The readout v is also a preactivation's
+    summand, so the Simple GIA Check fails, and the NTK's expectations contain Z^v both linearly
+    (as the readout) and inside phi: E[(Z^v)^2 phi'(h) phi'(h')] over three correlated Gaussians,
+    which Stein's lemma reduces to expectations over (h, h') (TP2 Lemma F.4)."""
+    xi = Input("xi", d)
+    e = (Weight("U", fan_in=d) @ xi).named("e")
+    v = Bias("v")
+    h = (Weight("W") @ e + v).named("h")
+    return Program(Readout(v, nonlin(act, h, name="y")), name="bias_reuse")

@@ -63,6 +63,9 @@ __all__ = [
     "DualActivation",
     "MEAN_RULES",
     "PAIR_RULES",
+    "SafePow",
+    "correlation_gap",
+    "reduce_node",
 ]
 
 Expr = sympy.Expr
@@ -277,6 +280,81 @@ def _erf_step(s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
     return sympy.asin(sqrt(2) * s12 / (sqrt(s22) * sqrt(1 + 2 * s11))) / pi
 
 
+# --------------------------------------------------------------------------------------
+# Numerically stable forms near c = 1 and the zero-variance limits
+# --------------------------------------------------------------------------------------
+class SafePow(sympy.Function):
+    r"""``x**p`` for ``x > 0``, else 0: the zero-variance limit of a negative power of a variance.
+
+    A correlation ``c = S12 / sqrt(S11 S22)`` (TP2 Facts E.2, E.3) is 0/0 at a zero variance
+    (an input of zero norm in a network without biases), but every closed form multiplies the
+    terms that use it by a power of that variance or by a zero covariance, so any finite value
+    gives the right limit; the table's convention is ``c = 0`` there, i.e. ``E phi(g1) psi(g2) =
+    phi(0) E psi(g2)`` for ``g1 = 0``.  The NumPy evaluator (:func:`symntk.numeric.lambdify`)
+    and the Numba printer translate this one head; neither has a convention of its own.
+    """
+    nargs = 2
+
+    @classmethod
+    def eval(cls, x, p):
+        if x.is_Number and p.is_Number:
+            return x ** p if x > 0 else sympy.S.Zero
+        return None
+
+    def _latex(self, printer: Any) -> str:
+        return printer._print(sympy.Pow(self.args[0], self.args[1], evaluate=False))
+
+
+def correlation_gap(s11: Expr, s22: Expr, dist: Expr) -> Expr:
+    r"""``1 - c`` of two centred Gaussians from their variances and ``dist = E (g1 - g2)^2``.
+
+    ``1 - c = (dist - (sqrt(S11) - sqrt(S22))^2) / (2 sqrt(S11 S22))`` is exact algebra
+    (``dist = S11 + S22 - 2 S12``) but, unlike ``1 - S12/sqrt(S11 S22)``, keeps its relative
+    precision when ``c -> 1``, provided ``dist`` is carried through the recursion itself (from
+    ``||xi - xi'||^2 / d``; biases cancel in it): then ``theta = 2 asin(sqrt((1 - c)/2))`` is
+    accurate to rounding even for near-duplicate inputs, where ``acos(c)`` turns a rounding
+    error of 1e-16 in ``c`` into 1e-8 in ``theta``.  At a zero variance it is 1 (``c = 0``, the
+    convention of :class:`SafePow`).
+    """
+    # The numeric paths give the gap its own equation, an atom in the closed forms that read it
+    # (SymPy distributes products over sums: (1 - c)/2 must not become 1/2 - c/2).  No Piecewise:
+    # max(formula, 1 - [S11 > 0][S22 > 0]) is branch-free; formula >= 0 up to rounding (clipped).
+    inv = SafePow(s11, -sympy.S.Half) * SafePow(s22, -sympy.S.Half)    # 0 at a zero variance
+    formula = (dist - (sqrt(s11) - sqrt(s22)) ** 2) * inv / 2
+    return Max(formula, 1 - SafePow(s11, sympy.S.Zero) * SafePow(s22, sympy.S.Zero))
+
+
+def _angle(gap: Expr) -> Expr:
+    r"""``theta = acos(1 - gap) = 2 asin(sqrt(gap / 2))``, stable for small ``gap``."""
+    return 2 * sympy.asin(sqrt(gap / 2))
+
+
+def _relu_relu_stable(s11: Expr, s22: Expr, gap: Expr) -> Expr:
+    r""":func:`_relu_relu` in the angle: ``sin theta = sqrt(gap (2 - gap))``, ``c = 1 - gap``."""
+    theta = _angle(gap)
+    return sqrt(s11) * sqrt(s22) / (2 * pi) * (sqrt(gap * (2 - gap)) + (pi - theta) * (1 - gap))
+
+
+def _relu_relu_distance(s11: Expr, s22: Expr, dist: Expr, gap: Expr) -> Expr:
+    r"""E (relu g1 - relu g2)^2 = dist/2 - sqrt(S11 S22)/pi (sin theta - theta cos theta).
+
+    ``S11/2 + S22/2 - 2 E relu(g1) relu(g2)`` with Cho & Saul's J_1 written so that the part
+    linear in ``c`` is ``(S11 + S22 - 2 S12)/2 = dist/2``: no cancellation for close inputs.
+    """
+    theta = _angle(gap)
+    return dist / 2 - sqrt(s11) * sqrt(s22) / pi * (sqrt(gap * (2 - gap)) - theta * (1 - gap))
+
+
+def _step_step_stable(s11: Expr, s22: Expr, gap: Expr) -> Expr:
+    r""":func:`_step_step` in the angle: ``(pi - theta) / (2 pi)``."""
+    return (pi - _angle(gap)) / (2 * pi)
+
+
+def _step_step_distance(s11: Expr, s22: Expr, dist: Expr, gap: Expr) -> Expr:
+    r"""E (step g1 - step g2)^2 = 1/2 + 1/2 - 2 (pi - theta)/(2 pi) = theta / pi."""
+    return _angle(gap) / pi
+
+
 @dataclass(frozen=True)
 class ClosedForm:
     r"""One entry of :data:`PAIR_RULES`: the closed form and the name the papers give it.
@@ -288,12 +366,24 @@ class ClosedForm:
         V(q, q', rho) = E head1(g1) head2(g2),  (g1, g2) ~ N(0, [[q, rho sqrt(q q')], [., q']]),
 
     i.e. :meth:`dual`.  ``reference`` says where the formula comes from.  Printers show
-    ``name(...)`` with :meth:`dual` as its definition; the numbers always come from ``rule``.
+    ``name(...)`` with :meth:`dual` as its definition.
+
+    Entries whose rule goes through ``acos c`` (the arc-cosine kernels) also carry the same
+    expectation in a form that keeps its digits as ``c -> 1`` (near-duplicate inputs), which is
+    what the numeric paths evaluate (:mod:`symntk.numerics`):
+
+    * ``stable(S11, S22, gap)``: the expectation in terms of ``gap = 1 - c``
+      (:func:`correlation_gap`);
+    * ``distance(S11, S22, dist, gap)``: ``E (head(g1) - head(g2))^2`` for an entry with one head
+      twice, written without the cancellation of ``V(S11) + V(S22) - 2 V(S11, S12, S22)``: it is
+      the ``dist`` of the next layer's correlation.
     """
 
     rule: Callable[[Expr, Expr, Expr, Expr], Expr]
     name: str | None = None
     reference: str = ""
+    stable: Callable[[Expr, Expr, Expr], Expr] | None = None
+    distance: Callable[[Expr, Expr, Expr, Expr], Expr] | None = None
 
     def __call__(self, s11: Expr, s12: Expr, s22: Expr, c: Expr) -> Expr:
         return self.rule(s11, s12, s22, c)
@@ -310,9 +400,11 @@ class ClosedForm:
 PAIR_RULES: Mapping[tuple[str, str], ClosedForm] = MappingProxyType(
     {
         ("relu", "relu"): ClosedForm(
-            _relu_relu, r"V_{\mathrm{relu}}", "arc-cosine kernel of degree 1: TP2 Fact E.2, Cho & Saul 2009"),
+            _relu_relu, r"V_{\mathrm{relu}}", "arc-cosine kernel of degree 1: TP2 Fact E.2, Cho & Saul 2009",
+            stable=_relu_relu_stable, distance=_relu_relu_distance),
         ("step", "step"): ClosedForm(
-            _step_step, r"V_{\mathrm{step}}", "arc-cosine kernel of degree 0: TP2 Fact E.2, Cho & Saul 2009"),
+            _step_step, r"V_{\mathrm{step}}", "arc-cosine kernel of degree 0: TP2 Fact E.2, Cho & Saul 2009",
+            stable=_step_step_stable, distance=_step_step_distance),
         ("relu", "step"): ClosedForm(_relu_step, r"V_{\mathrm{relu},\mathrm{step}}", "Stein's lemma"),
         ("erf", "erf"): ClosedForm(_erf_erf, r"V_{\mathrm{erf}}", "TP2 Fact E.3, Williams 1997"),
         ("erf", "relu"): ClosedForm(_erf_relu, r"V_{\mathrm{erf},\mathrm{relu}}", "Stein's lemma"),
@@ -611,19 +703,32 @@ def _rule_stein(term: Expr, variables: tuple, cov: ImmutableMatrix) -> Expr | No
     times heads of affine forms; every step lowers the polynomial degree by one, so the
     recursion terminates (derivatives of such heads carry no polynomial factor except
     erf' = 2 e^{-L^2}/sqrt(pi), which the Gaussian-factor rule absorbs first).  This is
-    how ``E gelu(u) gelu(v)`` gets its closed form.  Refused if any piece stays a node.
+    how ``E gelu(u) gelu(v)`` gets its closed form.
+
+    A Gaussian that enters *only* the polynomial factor (e.g. a readout vector reused as a bias:
+    ``E[u1^2 tanh'(u2) tanh'(u3)]``) is integrated out completely: the pieces are expectations of
+    derivatives of the heads over the other variables, one dimension fewer, and are kept even
+    where they have no closed form (quadrature in one or two dimensions instead of three).
+    Otherwise the rule is refused if any piece stays a node.
     """
     poly, rest = _split_polynomial(term, variables)
-    if not poly or not rest or not all(_is_head_of_affine(f, variables) for f in rest):
+    if not poly or not rest:
         return None
-    var = poly[0][0]
+    in_heads = set().union(*(f.free_symbols for f in rest))
+    eliminated = [v for v, _ in poly if v not in in_heads]
+    # Eliminating a variable terminates whatever the other factors are (each step lowers its
+    # degree; derivatives in the other variables never raise it); otherwise heads must be of
+    # affine forms, whose derivatives carry no new polynomial factor.
+    if not eliminated and not all(_is_head_of_affine(f, variables) for f in rest):
+        return None
+    var = eliminated[0] if eliminated else poly[0][0]
     j = variables.index(var)
     remainder = term / var
     total = []
     for l, v in enumerate(variables):
         if cov[j, l] != 0:
             piece = expect(sympy.diff(remainder, v), variables, cov)
-            if piece.has(GaussianExpectation):
+            if piece.has(GaussianExpectation) and not eliminated:
                 return None
             total.append(cov[j, l] * piece)
     return sympy.Add(*total)
@@ -820,6 +925,42 @@ def expect(integrand: Any, variables: Iterable[sympy.Symbol], cov: Any, named: b
         coeff, core = term.as_independent(*variables, as_Add=False)
         collected.setdefault(core, []).append(coeff)
     return sympy.Add(*(sympy.Add(*cs) * _reduce_term(core, variables, cov, named) for core, cs in collected.items()))
+
+
+def reduce_node(node: GaussianExpectation, named: bool = False) -> Expr:
+    r"""A :class:`GaussianExpectation` reduced by :func:`expect` under the derivation's policy.
+
+    Where the table closes the expectation or leaves one residual node, that is the result.  Where
+    it splits the node into several residual nodes, the split is kept only if it *lowers the
+    dimension* of every piece (Stein's lemma integrating out a Gaussian that enters polynomially,
+    :func:`_rule_stein`); the pieces over the same variables are then summed into one node (one
+    quadrature), so every remaining expectation is over the Gaussians that enter nonlinearly.
+    Otherwise the node stays whole: one quadrature of the whole integrand is cheaper and more
+    accurate than several of its pieces.  The derivation (``Derivation.reduced``), the LaTeX
+    printer and the numeric form all reduce through here.
+    """
+    reduced = expect(node.integrand, node.variables, node.cov, named=named)
+    residual = reduced.atoms(GaussianExpectation)
+    if len(residual) <= 1:
+        return reduced
+    if any(len(n.variables) >= len(node.variables) for n in residual):
+        return node
+    return merge_expectations(reduced)
+
+
+def merge_expectations(expr: Expr) -> Expr:
+    """``sum_k a_k E[f_k]`` with numeric ``a_k`` and one law -> ``E[sum_k a_k f_k]``."""
+    groups: dict = {}
+    rest = []
+    for term in sympy.Add.make_args(expr):
+        coeff, core = term.as_coeff_Mul()
+        if isinstance(core, GaussianExpectation):
+            groups.setdefault((core.variables, core.cov), []).append(coeff * core.integrand)
+        else:
+            rest.append(term)
+    merged = [GaussianExpectation(sympy.Add(*fs), variables, cov)
+              for (variables, cov), fs in groups.items()]
+    return sympy.Add(*rest, *merged)
 
 
 _U, _V = sympy.symbols("u v", real=True)

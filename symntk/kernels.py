@@ -15,8 +15,9 @@
    Rows can be processed in blocks (``block_rows``); memory does not depend on it, and one
    block is fastest (every block hands the cores from BLAS's threads to Numba's and back);
 3. with ``X2 = None`` only j > i is computed, the lower triangle is mirrored and the diagonal is
-   the diagonal system's (exact; the pair formulas lose digits to cancellation at c = 1:
-   sqrt(1 - c^2) turns a rounding error of 1e-16 in c into 1e-8, and deeper layers compound it).
+   the diagonal system's.  The pair formulas agree with it to rounding at identical inputs: they
+   read ``1 - c`` from squared distances (``||xi - xi'||^2/d``, staged in the NNGP output by
+   :func:`symntk.result.squared_distances`), not from ``c`` (:mod:`symntk.numerics`).
 
 The two passes are also entry points of their own, for blockwise drivers (:mod:`symntk.dask`,
 :mod:`symntk.matfree`): ``k.tables(X, theta)`` (step 1 for some rows, an :class:`InputTables`)
@@ -54,7 +55,7 @@ from numba import njit, prange
 from . import codegen
 from .binding import bind, bind_parameters
 from .quadrature import QUADRATURE, rule_arrays
-from .result import KernelResult, check_pair
+from .result import KernelResult, check_pair, squared_distances
 
 __all__ = ["CompiledKernel", "InputTables", "compile", "as_compiled", "block_size", "STAGE_TILE"]
 
@@ -192,14 +193,18 @@ class CompiledKernel:
         n1, n2 = X1.shape[0], X2.shape[0]
         T2 = np.ascontiguousarray(t2.T.T)
         ntk = np.empty((n1, n2))
-        nngp = np.empty((n1, n2)) if g.has_nngp else np.empty((1, 1))
+        # nngp also stages ||xi - xi'||^2/d for the stable correlations (read before written)
+        nngp = np.empty((n1, n2)) if (g.has_nngp or g.distance_inputs) else np.empty((1, 1))
         nt = max(len(g.term_names), 1)
         tarr = np.empty((nt, n1, n2)) if (terms and g.term_names) else np.empty((nt, 1, 1))
         rows = n1 if block_rows is None else max(1, int(block_rows))
         groups = 4 * numba.get_num_threads() if groups is None else int(groups)
         bad = np.zeros(n1, dtype=np.int64)
-        if g.pair_inputs:            # stage x.x' in the output (BLAS); pairs reads it
+        if g.pair_inputs or g.distance_inputs:   # stage x.x' in the output (BLAS); pairs reads it
             _stage(X1, X2, ntk, sym)
+        if g.distance_inputs:        # from the staged x.x': entrywise, so blockwise == one call
+            with _quiet_blas():
+                squared_distances(X1, X2, out=nngp, dots=ntk)
         for r0 in range(0, n1, rows):
             r1 = min(n1, r0 + rows)
             self.module.pairs(t1.T, T2, theta, *self._rules, nngp, ntk, tarr, bool(terms), r0,
@@ -270,6 +275,8 @@ class CompiledKernel:
         ntk = np.full((n, n), 0.1)
         nngp = np.empty((n, n))
         tarr = np.empty((max(len(g.term_names), 1), 1, 1))
+        if g.distance_inputs:
+            nngp = squared_distances(X, X)
         self.module.pairs(T, np.ascontiguousarray(T.T), theta, *self._rules, nngp, ntk, tarr,
                           False, 0, n, True, 1.0, np.zeros(n, dtype=np.int64), 2)
         _mirror(ntk)

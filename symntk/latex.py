@@ -24,7 +24,7 @@ import re
 import sympy as sp
 
 from .equations import Derivation, Equation, Loop
-from .gaussian import ClosedForm, DualActivation, GaussianExpectation, expect
+from .gaussian import ClosedForm, DualActivation, GaussianExpectation, expect, reduce_node
 
 __all__ = ["derivation_latex", "derivation_text", "named_closed_forms", "expand_duals", "paper_form", "NOTATIONS"]
 
@@ -304,9 +304,7 @@ def named_closed_forms(d: Derivation) -> tuple[list, sp.Expr | None, sp.Expr]:
     def named(expr, ref):
         out = {}
         for n in expr.atoms(GaussianExpectation):
-            r = expect(n.integrand, n.variables, n.cov, named=True)
-            # Like the derivation: a node the table only splits into residual nodes stays whole.
-            out[n] = n if len(r.atoms(GaussianExpectation)) > 1 else r
+            out[n] = reduce_node(n, named=True)      # the derivation's policy
         candidate = expr.xreplace(out)
         return candidate if expand_duals(candidate) == ref else ref
 

@@ -47,7 +47,15 @@ def heaviside(x: Any, h0: Any = float(HEAVISIDE_AT_ZERO)) -> Any:
 
 
 # ---------------------------------------------------------------------------- NumPy (lambdify)
-_NUMPY = {"Heaviside": lambda x, h0=float(HEAVISIDE_AT_ZERO): np.heaviside(x, h0)}
+def _safe_pow(x, p):
+    """:class:`symntk.gaussian.SafePow`: ``x**p`` where ``x > 0``, else 0 (zero-variance limit)."""
+    x = np.asarray(x, dtype=np.float64)
+    pos = x > 0
+    return np.where(pos, np.power(np.where(pos, x, 1.0), p), 0.0)
+
+
+_NUMPY = {"Heaviside": lambda x, h0=float(HEAVISIDE_AT_ZERO): np.heaviside(x, h0),
+          "SafePow": _safe_pow}
 
 _GUARDED = {
     **_NUMPY,

@@ -861,21 +861,13 @@ class Engine:
 
 
 def reduce_expectations(expr: sp.Expr) -> sp.Expr:
-    """Replace every ``GaussianExpectation`` by its closed form where the table has one.
-
-    When the table only splits a node into several residual expectations (linearity on an
-    integrand without closed form), the original node is kept: one quadrature of the whole
-    integrand is cheaper and more accurate than several of its pieces.
-    """
-    from .gaussian import GaussianExpectation, expect
+    """Replace every ``GaussianExpectation`` by its closed form where the table has one, or by
+    expectations over fewer Gaussians (:func:`symntk.gaussian.reduce_node`: the policy)."""
+    from .gaussian import GaussianExpectation, reduce_node
     nodes = expr.atoms(GaussianExpectation)
     if not nodes:
         return expr
-    out = {}
-    for n in nodes:
-        reduced = expect(n.args[0], tuple(n.args[1]), n.args[2])
-        out[n] = n if len(reduced.atoms(GaussianExpectation)) > 1 else reduced
-    return expr.xreplace(out)
+    return expr.xreplace({n: reduce_node(n) for n in nodes})
 
 
 # ============================================================================ rule tables

@@ -236,9 +236,11 @@ def test_standard_parametrization_against_finite_width():
     assert K[0, 0] > 100                      # O(n), unlike the NTK parametrization
 
 
-def test_zero_input_without_bias_is_refused_not_nan():
+def test_zero_input_without_bias_takes_the_limit_in_both_numeric_paths():
+    """h = W x = 0 for x = 0: the closed-form table's zero-variance limit (c = 0), not 0/0, in the
+    NumPy evaluator and the compiled kernel alike."""
     d = derive(mlp(2, "relu", input_dim=3))
-    with pytest.raises(ValueError, match="zero norm"):
-        d.gram(np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0]]))
-    K = d.compile()(np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0]]))
-    assert np.all(np.isfinite(K.ntk)) and K.ntk[0, 0] == 0.0
+    X = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+    E, K = d.gram(X), d.compile()(X)
+    assert np.all(np.isfinite(K.ntk)) and K.ntk[0, 0] == 0.0 and E.ntk[0, 0] == 0.0
+    np.testing.assert_allclose(E.ntk, K.ntk, rtol=1e-14, atol=1e-300)

@@ -23,9 +23,10 @@ How the text is made:
 1. Gaussian-expectation nodes without a closed form become calls ``Q3(s1, s2, rho)`` of their
    whitening parameters (2-D Gauss-Hermite, as in Neural Tangents' ``ElementwiseNumerical``);
    calls that share their arguments are later evaluated in one quadrature loop.
-2. Variances in negative powers (the ``1/sqrt(Sigma_11 Sigma_22)`` of every correlation) become
-   ``SafePow`` (zero when the variance is zero: a zero input with no bias has a well-defined
-   kernel, and every term multiplying that factor vanishes with it).
+2. The equations are the derivation's numeric form (:mod:`symntk.numerics`, shared with the
+   NumPy evaluator): arc-cosine closed forms read ``1 - rho`` from squared distances carried
+   through the recursion (``||xi - xi'||^2/d`` is staged by the driver), and variances in negative
+   powers are ``SafePow`` (zero when the variance is zero: the closed-form table's limit).
 3. *Forward hoisting*: a subexpression of a backward-loop equation that depends only on forward
    quantities of the same layer (``acos`` of the layer's correlation, a quadrature of the layer's
    covariance) is computed in the forward loop instead, where common-subexpression elimination
@@ -97,13 +98,16 @@ def generate(derivation: Derivation, rule: str = "polar", params: dict | None = 
     h.forward()
     h.per_input()
     pair_inputs = [s for s, f in pair.families.items() if f.kind == "input" and f.cls == "pair"]
-    if len(pair_inputs) > 1:
+    distances = [s for s in pair_inputs if pair.inputs[s].extra.get("distance")]
+    pair_inputs = [s for s in pair_inputs if s not in distances]
+    if len(pair_inputs) > 1 or len(distances) > 1:
         raise NotImplementedError("more than one cross-input kernel symbol")
     params_all = sorted(set(pair.params) | set(diag.params), key=str)
     params_all = [p for p in params_all if p not in pair.inputs and p not in diag.inputs]
-    src, width = module_source(pair, diag, twins, h, params_all, pair_inputs, rule)
+    src, width = module_source(pair, diag, twins, h, params_all, pair_inputs, rule, distances)
     terms = [n[1] for n, _ in pair.outputs if isinstance(n, tuple)]
     gen = GeneratedKernel(src, source_hash(src), params_all, width, derivation.nngp is not None,
-                          terms, [str(s) for s in pair_inputs], rule)
+                          terms, [str(s) for s in pair_inputs], rule,
+                          distance_inputs=[str(s) for s in distances])
     write_manifest(key_, gen)
     return gen

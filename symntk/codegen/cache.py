@@ -179,13 +179,13 @@ def source_hash(source: str) -> str:
 
 
 def fingerprint(derivation: Derivation, rule: str, structural: dict) -> str:
-    """A hash of everything the generated text depends on: the *reduced* equations (the closed-
+    """A hash of everything the generated text depends on: the *numeric* equations (the closed-
     form table lives elsewhere and may change), what each symbol is (copies decide the classes),
     the options, and this package.  ``srepr`` keeps the assumptions of every symbol."""
     h = hashlib.sha256()
     for part in (CODEGEN_VERSION, _SELF, rule, repr(sorted(map(str, structural.items())))):
         h.update(part.encode())
-    for d in (derivation.reduced(), derivation.diagonal.reduced()):
+    for d in (derivation.numeric(), derivation.numeric().diagonal):
         items = [d.mode, d.nngp, d.ntk, sorted(d.ntk_terms.items(), key=lambda kv: kv[0]),
                  [inp.dim for inp in d.program.inputs]]
         for st in d.steps:
@@ -218,7 +218,8 @@ def read_manifest(fingerprint: str):
             return None                           # damaged or foreign: generate afresh
         params = [sp.Symbol(name, **assumptions) for name, assumptions in m["params"]]
         return GeneratedKernel(source, m["key"], params, m["table_width"], m["has_nngp"],
-                               m["term_names"], m["pair_inputs"], m["rule"], from_manifest=True)
+                               m["term_names"], m["pair_inputs"], m["rule"], from_manifest=True,
+                               distance_inputs=m["distance_inputs"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -227,7 +228,7 @@ def write_manifest(fingerprint: str, gen: GeneratedKernel):
     """Record ``gen`` under ``fingerprint`` (best effort: the manifest only saves time)."""
     m = {"key": gen.key, "params": [[p.name, p.assumptions0] for p in gen.params],
          "table_width": gen.table_width, "has_nngp": gen.has_nngp, "term_names": gen.term_names,
-         "pair_inputs": gen.pair_inputs, "rule": gen.rule}
+         "pair_inputs": gen.pair_inputs, "rule": gen.rule, "distance_inputs": gen.distance_inputs}
     try:
         path = _manifest_path(fingerprint)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -2,7 +2,7 @@
 routines, ``per_input`` and ``pairs``) from the analysed plans."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy as sp
 
@@ -35,6 +35,7 @@ class GeneratedKernel:
     pair_inputs: list                  # name of the pair input symbol (xi.xi'/d), if any
     rule: str
     from_manifest: bool = False        # read back from the cache instead of generated
+    distance_inputs: list = field(default_factory=list)   # ||xi - xi'||^2/d symbol, if any
 
     @property
     def module_name(self) -> str:
@@ -126,7 +127,7 @@ def _asin(x):
 
 
 def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list, pair_inputs,
-                  rule: str) -> tuple[str, int]:
+                  rule: str, distances=()) -> tuple[str, int]:
     """``(source, table width)`` of the kernel module: ``pair`` the analysed (and hoisted, by
     ``h``) derivation, ``diag`` its diagonal system, ``params`` the symbols of ``theta``."""
     d = pair.derivation
@@ -307,7 +308,8 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
     em.line("          gscale, bad, groups):")
     em.indent()
     em.line('"""Rows r0..r1-1 of the Gram matrices; ntk[i, j] holds xi.xi\' on entry (times gscale')
-    em.line("is xi.xi'/d).  T1[i, :] is the per-input table of row i, T2[:, j] (transposed) of")
+    em.line("is xi.xi'/d), nngp[i, j] ||xi - xi'||^2/d if the kernel reads it (stable correlations).")
+    em.line("T1[i, :] is the per-input table of row i, T2[:, j] (transposed) of")
     em.line("column j.  Columns go in chunks of CHUNK: every step is a loop over the chunk.")
     em.line("")
     em.line("sym: X2 is X1; only j > i is computed (rows interleaved to balance the triangle).")
@@ -341,10 +343,12 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
         if eqs:
             pblocks.append(Block(eqs, b.index, b.start, b.stop, b.direction))
     psec = Section(em, pair.quads, pstorage, dict(param_code), helpers, chunk=True)
-    if pair_inputs:
+    if pair_inputs or distances:
         psec._open_chunk()
         for s_ in pair_inputs:
             em.line(f"{pstorage[s_].write(None)} = ntk[i, j] * gscale")
+        for s_ in distances:         # staged by the driver, already divided by d
+            em.line(f"{pstorage[s_].write(None)} = nngp[i, j]")
         psec._close_chunk()
     assigns = []
     for name, e in pair.outputs:

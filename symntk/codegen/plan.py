@@ -11,30 +11,12 @@ import sympy as sp
 
 from ..binding import bind
 from ..equations import Derivation, Loop
-from ..gaussian import GaussianExpectation
+from ..gaussian import GaussianExpectation, SafePow
 
 if TYPE_CHECKING:                                   # annotations only: quadrature imports us
     from .quadrature import QuadCalls
 
 __all__ = ["SafePow", "Eq", "Block", "Family", "Plan", "Twins", "class0_twins", "structural"]
-
-
-class SafePow(sp.Function):
-    """``x**p`` for ``x > 0``, else 0: a negative power of a variance (as in the
-    correlation ``c = S12/sqrt(S11 S22)`` of TP2 Facts E.2, E.3).
-
-    The correlation ``Sigma_12 / sqrt(Sigma_11 Sigma_22)`` is undefined at a zero variance, but
-    every closed form multiplies the terms that use it by a power of that variance or by a
-    zero input kernel, so any finite value gives the right limit; 0 is the natural one.
-    """
-    nargs = 2
-
-    @classmethod
-    def eval(cls, x, p):
-        if x.is_Number and p.is_Number:
-            return x ** p if x > 0 else sp.S.Zero
-        return None
-
 
 
 def intval(e, what: str) -> int:
@@ -102,7 +84,7 @@ class Plan:
     def __init__(self, derivation: Derivation, structural: dict, quads: QuadCalls):
         self.quads = quads
         self.structural = structural
-        d = derivation.reduced()
+        d = derivation.numeric()      # the evaluator's equations: stable correlations, SafePow
         self.derivation = d
         self.params: list = []
         self.info = dict(d.info)
@@ -115,26 +97,15 @@ class Plan:
 
     # ---------------------------------------------------------------------------- steps
     def _prep(self, e):
-        """Structural substitution, expectation nodes -> quadrature calls, safe powers."""
+        """Structural substitution, expectation nodes -> quadrature calls.  (Negative powers of
+        variances are already :class:`~symntk.gaussian.SafePow`: :mod:`symntk.numerics`.)"""
         e = sp.sympify(e)
         if self.structural:
             e = e.xreplace(self.structural)
         nodes = sorted(e.atoms(GaussianExpectation), key=sp.default_sort_key)
         if nodes:
             e = e.xreplace({n: self.quads.call(n) for n in nodes})
-        return self._safe_powers(e)
-
-    def _is_variance(self, ref) -> bool:
-        info = self.info.get(key_of(ref))
-        if info is None or info.kind not in ("C", "D", "input"):
-            return False
-        return len(set(info.copies)) == 1
-
-    def _safe_powers(self, e):
-        def is_var_pow(x):
-            return (isinstance(x, sp.Pow) and x.exp.is_Number and x.exp < 0
-                    and isinstance(x.base, (sp.Symbol, sp.Indexed)) and self._is_variance(x.base))
-        return e.replace(is_var_pow, lambda x: SafePow(x.base, x.exp))
+        return e
 
     def _index(self, e):
         e = sp.sympify(e)
