@@ -12,7 +12,7 @@ from sympy import Lambda, Symbol
 
 from .program import _expr, _variance as _check_variance
 
-from .program import (PADDINGS, POOLINGS, WIDTH, AvgPool, Bias, Carry, Conv, Input, Nonlin,
+from .program import (POOLINGS, WIDTH, AvgPool, Bias, Carry, Conv, Input, Nonlin,
                       OutputBias, Pool, Program, ProgramError, Readout, Scan, Vector, Weight,
                       nonlin, repeat)
 

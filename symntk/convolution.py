@@ -395,8 +395,6 @@ def _equations(steps, rank, pooled, nngp, ntk) -> list:
     for i, s in enumerate(steps):
         C, T = _family("C", s, i), _family("T", s, i)
         if s.kind == "input":
-            xi = sp.Symbol(r"\xi")
-            xp = sp.Symbol(r"\xi'")
             chans = sp.Symbol("C_{in}")
             eqs.append((C[p, q], sp.Symbol(r"\xi_{p}") * sp.Symbol(r"\xi'_{q}") / chans,
                         "input kernel per pixel pair"))

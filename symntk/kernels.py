@@ -203,8 +203,7 @@ class CompiledKernel:
         if g.pair_inputs or g.distance_inputs:   # stage x.x' in the output (BLAS); pairs reads it
             _stage(X1, X2, ntk, sym)
         if g.distance_inputs:        # from the staged x.x': entrywise, so blockwise == one call
-            with _quiet_blas():
-                squared_distances(X1, X2, out=nngp, dots=ntk)
+            squared_distances(X1, X2, out=nngp, dots=ntk)
         for r0 in range(0, n1, rows):
             r1 = min(n1, r0 + rows)
             self.module.pairs(t1.T, T2, theta, *self._rules, nngp, ntk, tarr, bool(terms), r0,
@@ -218,8 +217,7 @@ class CompiledKernel:
             diags = [t1.ntk] + ([t1.nngp] if g.has_nngp else []) + \
                 [t1.terms[k] for k in range(len(term_arrays))]
             for M, dv in zip(mats, diags):
-                _mirror(M)
-                np.fill_diagonal(M, dv)
+                symmetrize(M, dv)
             nbad += int(np.count_nonzero(~np.isfinite(t1.ntk)))
         return KernelResult(nngp if g.has_nngp else None, ntk, term_arrays), nbad
 
@@ -373,6 +371,13 @@ def _dim_or(dim, default):
         return int(dim)
     except TypeError:
         return default
+
+
+def symmetrize(M: np.ndarray, diagonal: np.ndarray) -> None:
+    """Complete a symmetric Gram matrix whose entries above the diagonal were computed: mirror
+    them below it and set the diagonal (the exact one of the per-input pass)."""
+    _mirror(M)
+    np.fill_diagonal(M, diagonal)
 
 
 @njit(parallel=True, cache=True)

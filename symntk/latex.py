@@ -24,7 +24,7 @@ import re
 import sympy as sp
 
 from .equations import Derivation, Equation, Loop
-from .gaussian import ClosedForm, DualActivation, GaussianExpectation, expect, reduce_node
+from .gaussian import ClosedForm, DualActivation, GaussianExpectation, reduce_node
 
 __all__ = ["derivation_latex", "derivation_text", "named_closed_forms", "expand_duals", "paper_form", "NOTATIONS"]
 

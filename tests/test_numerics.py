@@ -16,7 +16,6 @@ import sympy as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import symntk
 from symntk import derive, mlp
 from symntk.gaussian import PAIR_RULES, SafePow, correlation_gap
 

@@ -18,7 +18,7 @@ import sympy as sp
 
 import symntk
 from symntk import examples
-from symntk.gaussian import GaussianExpectation, expect, numeric_expectation, reduce_node
+from symntk.gaussian import GaussianExpectation, numeric_expectation, reduce_node
 
 X = np.array([[0.7, -1.2], [0.3, 0.5], [-1.5, 0.4]])
 

@@ -19,8 +19,6 @@ The generated module has three functions:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import sympy as sp
 
@@ -301,7 +299,7 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
             out(1, f"wc = {wC}")
             out(1, f"wt = {wT}")
             out(1, "for m in range(cf.size):")
-            out(2, f"tf[m] = wt * cf[m]" + (" + wc * tf[m]" if has_t else ""))
+            out(2, "tf[m] = wt * cf[m]" + (" + wc * tf[m]" if has_t else ""))
             out(2, "cf[m] = wc * cf[m]")
         elif s.kind == "avgpool":
             src = s.reads[0]
@@ -544,7 +542,6 @@ class ConvKernel:
                 for i in self.meta["phis"]]
 
     def __call__(self, X1, X2=None, params=None, diagonal: bool = False):
-        from ..result import KernelResult
         d = self.derivation
         channels = d.program.inputs[0].dim
         X1 = check_images(X1, "X1", d.rank, channels)
@@ -568,10 +565,9 @@ class ConvKernel:
         out = np.zeros((2, X1.shape[0], X2.shape[0]))
         m.pairs(X1, X2, theta, dims, symmetric, *tab1, *tab2, out)
         if symmetric:
-            iu = np.triu_indices(X1.shape[0], 1)
+            from ..kernels import symmetrize
             for k in range(2):
-                out[k][(iu[1], iu[0])] = out[k][iu]
-                np.fill_diagonal(out[k], dg[k])
+                symmetrize(out[k], dg[k])
         return self._result(out[0], out[1])
 
     def _result(self, nngp, ntk):
@@ -582,22 +578,13 @@ class ConvKernel:
         return KernelResult(nngp, ntk, {})
 
 
-@dataclass(frozen=True)
-class _Module:
-    source: str
-    key: str
-
-    @property
-    def module_name(self) -> str:
-        from .module import MODULE_PREFIX
-        return MODULE_PREFIX + "conv_" + self.key
-
-
 def compile_conv(derivation: ConvDerivation, cache: bool = True) -> ConvKernel:
     """Generate the Numba module of a convolutional derivation and load it through the kernel
     cache (:func:`symntk.codegen.cache.load_module`)."""
     from .cache import load_module, source_hash
+    from .module import ModuleSource
     params = sorted(derivation.parameters(), key=str)
     source, meta = _source(derivation, params)
-    module, _ = load_module(_Module(source, source_hash(CODEGEN_VERSION + source)), cache)
+    module, _ = load_module(
+        ModuleSource(source, source_hash(CODEGEN_VERSION + source), "conv"), cache)
     return ConvKernel(derivation, module, params, meta)

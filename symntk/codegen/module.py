@@ -13,7 +13,7 @@ from .plan import LIDX, Block, Col, Eq, Plan, Twins, key_of, refs
 from .printer import identifier
 from .quadrature import QuadFunctions
 
-__all__ = ["CODEGEN_VERSION", "MODULE_PREFIX", "CHUNK", "ASIN_COEFFS", "GeneratedKernel",
+__all__ = ["CODEGEN_VERSION", "MODULE_PREFIX", "CHUNK", "ASIN_COEFFS", "GeneratedKernel", "ModuleSource",
            "asin_coefficients", "helpers_source", "module_source"]
 
 #: Bumped whenever the generated text changes meaning (part of every module's hash).
@@ -69,6 +69,19 @@ ASIN_COEFFS = (0.16666666666666669, 0.07499999999998433, 0.04464285714635543,
                0.013971212973552933, 0.011479177415184906, 0.01032281435018578,
                0.005457506718640358, 0.01740087944269402, -0.014851887071247204,
                0.028757851367421566)
+
+
+@dataclass(frozen=True)
+class ModuleSource:
+    """The text of a generated module as the kernel cache reads it (content-addressed by
+    ``key``); ``kind`` tells the module families apart in the cache directory."""
+    source: str
+    key: str
+    kind: str
+
+    @property
+    def module_name(self) -> str:
+        return MODULE_PREFIX + self.kind + "_" + self.key
 
 
 def asin_coefficients(degree: int = 12, dps: int = 50) -> tuple:

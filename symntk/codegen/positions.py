@@ -514,10 +514,9 @@ class PositionKernel:
         if symmetric:
             dg = np.zeros((K, X1.shape[0]))
             m.diagonal(X1, theta, dg)
-            iu = np.triu_indices(X1.shape[0], 1)
+            from ..kernels import symmetrize
             for k in range(K):
-                out[k][(iu[1], iu[0])] = out[k][iu]
-                np.fill_diagonal(out[k], dg[k])
+                symmetrize(out[k], dg[k])
         if not np.all(np.isfinite(out)):
             raise ValueError("the compiled kernel produced NaN/inf (a token sequence of zero norm "
                              "without biases makes a correlation 0/0)")
@@ -526,23 +525,12 @@ class PositionKernel:
         return KernelResult(out[0] if self.derivation.nngp is not None else None, ntk, terms)
 
 
-@dataclass(frozen=True)
-class _Module:
-    """The text of a positions module, as the kernel cache reads it (content-addressed)."""
-    source: str
-    key: str
-
-    @property
-    def module_name(self) -> str:
-        from .module import MODULE_PREFIX
-        return MODULE_PREFIX + "positions_" + self.key
-
-
 def compile_positions(derivation: Derivation) -> PositionKernel:
     """Generate the Numba module of a positioned derivation and load it through the kernel
     cache (:func:`symntk.codegen.cache.load_module`)."""
     from .cache import load_module, source_hash
+    from .module import ModuleSource
     params = sorted(derivation.parameters(), key=str)
     source, term_names, shapes, sides = _source(derivation, derivation.diagonal, params)
-    module, _ = load_module(_Module(source, source_hash(CODEGEN_VERSION + source)))
+    module, _ = load_module(ModuleSource(source, source_hash(CODEGEN_VERSION + source), "positions"))
     return PositionKernel(derivation, module, params, term_names, shapes, sides)
