@@ -46,7 +46,7 @@ class Comparison:
         gia = self.gia.latex()
         exact = self.exact.latex(highlight_zdot=True)
         diff = "" if self.ntk_difference is None else \
-            rf"\Theta_{{\mathrm{{exact}}}} - \Theta_{{\mathrm{{GIA}}}} = " + _kernel_latex(self.ntk_difference)
+            r"\Theta_{\mathrm{exact}} - \Theta_{\mathrm{GIA}} = " + _kernel_latex(self.ntk_difference)
         if not standalone:
             return (r"\text{GIA:}\quad " + gia + r"\qquad \text{exact:}\quad " + exact +
                     (r"\qquad " + diff if diff else ""))

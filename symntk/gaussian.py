@@ -1108,14 +1108,15 @@ def numeric_expectation(
         b = [[conv(x) for x in row] for row in basis]
         f = _compile(integrand, {v: i for i, v in enumerate(variables)}, ctx)
 
-        def g(z: Sequence[Any]) -> Any:
-            return f([sum(bij * zj for bij, zj in zip(row, z)) for row in b])
-
         if rank == 2 and len(b) <= 2:  # the V-transform case, without generator overhead
 
             def g(z: Sequence[Any]) -> Any:
                 z0, z1 = z
                 return f([row[0] * z0 + row[1] * z1 for row in b])
+        else:
+
+            def g(z: Sequence[Any]) -> Any:
+                return f([sum(bij * zj for bij, zj in zip(row, z)) for row in b])
 
         # Kinks in z coordinates: alpha . z + beta = 0, alpha = B^T a.
         lines = []

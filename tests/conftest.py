@@ -24,8 +24,6 @@ anyway.  Tests that need their own cache directory (an unwritable one, a second 
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
 CACHE_ENV = "SYMNTK_CACHE_DIR"

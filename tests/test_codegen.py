@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
-import warnings
 
 import mpmath
 import numpy as np

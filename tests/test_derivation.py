@@ -7,7 +7,6 @@ from hypothesis import given, settings, strategies as st
 
 import symntk
 from symntk import Input, Nonlin, Program, ProgramError, Readout, Weight, derive, mlp
-from symntk.equations import Loop
 
 X_PAIR = np.array([[1.0, 2.0, 0.0], [0.5, -1.0, 1.5]])
 
