@@ -291,6 +291,13 @@ def _closed_forms(phi, dphi, x, node):
     dC = expect(d1 * d2, (_U1, _U2), cov)
     Cs = expect(f1 ** 2, (_U1,), sp.Matrix([[Q]]))
     dCs = expect(d1 ** 2, (_U1,), sp.Matrix([[Q]]))
+    # sqrt(1 - s^2/(q_1 q_2)) as sqrt((1 - c)(1 + c)) with the c = s/sqrt(q_1 q_2) that acos
+    # reads: sin and acos of one rounded c stay consistent, so near c = 1 (two positions with the
+    # same features: a graph's symmetric nodes) the dual loses O(theta^3), not O(sqrt(eps)) that
+    # the next layer's acos would amplify to O(eps^(1/4))
+    c = S12 * Q1 ** sp.Rational(-1, 2) * Q2 ** sp.Rational(-1, 2)
+    one_minus = {1 - S12 ** 2 / (Q1 * Q2): sp.Mul(1 - c, 1 + c, evaluate=False)}
+    C, dC = C.xreplace(one_minus), dC.xreplace(one_minus)
     for e in (C, dC, Cs, dCs):
         if e.has(GaussianExpectation):
             raise NotImplementedError(

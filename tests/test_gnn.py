@@ -19,7 +19,7 @@ import symntk
 from symntk.graphs import graph_inputs
 from symntk.program import ProgramError
 
-D, P, WSTD, BSTD = 3, 5, 1.3, None
+D, P, WSTD, BSTD = 3, 5, 2 ** 0.5, None     # Du et al.: c_sigma = 2, no biases
 
 
 def _random_adjacency(rng, n, p, density):
