@@ -41,7 +41,7 @@ def numpy_gntk(X, A, depth=2, block=25):
     S = np.einsum("aud,avd->auv", X, X) / d
     qs = []
     for _ in range(depth):
-        S = W2 * np.einsum("aup,apq,avq->auv", M, S, M)
+        S = W2 * (M @ S @ M.transpose(0, 2, 1))
         q = np.einsum("auu->au", S)
         qs.append(q)
         S = np.where(eye, q[:, :, None] / 2, relu(S, q[:, :, None], q[:, None, :])[0])
@@ -50,9 +50,10 @@ def numpy_gntk(X, A, depth=2, block=25):
         rows = slice(a0, a0 + block)
         S = np.einsum("aud,bvd->abuv", X[rows], X) / d
         T = np.zeros_like(S)
-        for q in qs:
-            S = W2 * np.einsum("aup,abpq,bvq->abuv", M[rows], S, M)
-            T = S + W2 * np.einsum("aup,abpq,bvq->abuv", M[rows], T, M)
+        Ma, MbT = M[rows][:, None], M.transpose(0, 2, 1)[None]
+        for q in qs:             # M_a S M_b^T for every pair: batched BLAS matrix products
+            S = W2 * (Ma @ S @ MbT)
+            T = S + W2 * (Ma @ T @ MbT)
             S, dS = relu(S, q[rows][:, None, :, None], q[None, :, None, :])
             T = T * dS
         c, t = S.sum(axis=(2, 3)), T.sum(axis=(2, 3))
