@@ -16,7 +16,8 @@ The generated module has three functions:
   Gram diagonal, once per image.
 * a fixed map over positions (``Aggregate``, kind "mix") reads the two examples' matrices
   ``g1[k]``, ``g2[k]`` (k: the k-th mix step; (P, P) each, already normalised by the driver) and
-  writes C = g1 C^x g2^T (and Theta) through one (P, P) scratch matrix: two P^3 passes;
+  writes C = g1 C^x g2^T (and Theta) through one (P, P) scratch matrix: two passes of P^2 times
+  the number of nonzero entries of a graph's matrix (zeros are skipped: graphs are sparse);
 * ``pairs(X1, X2, ...)``: ``prange`` over rows; each thread allocates its scratch once and reuses
   it for every column (the upper triangle when X2 is X1).  Nothing of size N^2 P^2 exists.
 """
@@ -428,10 +429,13 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
                 out(5, "mt[p, t] += a * xs[u, t]")
                 out(1, "for p in range(P):")
                 out(2, "for q in range(P):")
-                out(3, "acc = 0.0")
-                out(3, "for t in range(P):")
-                out(4, f"acc += mt[p, t] * g2[{k}, q, t]")
-                out(3, "xd[p, q] = acc")
+                out(3, "xd[p, q] = 0.0")
+                out(1, "for q in range(P):")           # skips the zeros of a sparse graph
+                out(2, "for t in range(P):")
+                out(3, f"a = g2[{k}, q, t]")
+                out(3, "if a != 0.0:")
+                out(4, "for p in range(P):")
+                out(5, "xd[p, q] += mt[p, t] * a")
         elif s.kind == "pool" and mixes:
             # a graph program: pool over the real nodes only (w = 1 on nodes, 0 on padding)
             src = s.reads[0]
