@@ -140,7 +140,7 @@ def test_padded_graphs_with_masks_equal_unpadded():
     for i, size in enumerate(sizes):
         keep = np.flatnonzero(mask[i])
         A[i][np.ix_(keep, keep)] = _random_adjacency(rng, 1, size, 0.5)[0]
-    program = _program("mean")
+    program = _program("mean", readout="mean")
     got = symntk.kernel(program, X, adjacency1=A, mask1=mask)
 
     def unpadded(i):
@@ -155,10 +155,48 @@ def test_padded_graphs_with_masks_equal_unpadded():
             elif sizes[i] == sizes[j]:
                 want, tol = symntk.kernel(program, xi, xj, adjacency1=ai, adjacency2=aj), 1e-12
             else:
-                want, tol = symntk.KernelResult(*_gntk(xi, ai, xj, aj, "mean", 2, "sum"), {}), 1e-10
+                want = symntk.KernelResult(*_gntk(xi, ai, xj, aj, "mean", 2, "mean"), {})
+                tol = 1e-10
             np.testing.assert_allclose(got.nngp[i, j], want.nngp[0, 0], rtol=tol, atol=0)
             np.testing.assert_allclose(got.ntk[i, j], want.ntk[0, 0], rtol=tol, atol=0)
     assert not np.allclose(got.ntk, symntk.kernel(program, X, adjacency1=A).ntk)
+
+
+def test_fixed_map_over_tokens_with_masks():
+    """A fixed linear map across the tokens of a sequence (a causal running mean: token t reads
+    the mean of tokens 1..t), then mean pooling: sequences of lengths 4, 2, 3 padded to 5 with a
+    mask give the kernels of the unpadded sequences (1e-12 against the unpadded kernel for equal
+    lengths, 1e-10 against the NumPy recursion otherwise)."""
+    x = symntk.Input("x", D, positions="t")
+    h = x
+    for l in (1, 2):
+        W = symntk.Weight(f"W{l}", fan_out=symntk.WIDTH, fan_in=h.dim, variance=2)
+        z = symntk.Aggregate(symntk.Conv(W, h, (1,)), "mean", self_loops=True)
+        h = symntk.nonlin("relu", z)
+    v = symntk.Weight("v", fan_out=1, fan_in=symntk.WIDTH, variance=2)
+    program = symntk.Program(symntk.Readout(v, symntk.Pool(h, "mean")), name="causal_mean")
+    lengths, T = [4, 2, 3, 2], 5
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((len(lengths), T, D))
+    mask = np.arange(T)[None, :] < np.array(lengths)[:, None]
+    X[~mask] = 7.0
+    causal = np.tril(np.ones((T, T)), -1)              # earlier tokens; A + I: 1..t
+    A = np.broadcast_to(causal, (len(lengths), T, T))
+    got = symntk.kernel(program, X, adjacency1=A, mask1=mask)
+    for i, li in enumerate(lengths):
+        for j, lj in enumerate(lengths):
+            xi, xj = X[i:i + 1, :li], X[j:j + 1, :lj]
+            ai, aj = causal[None, :li, :li], causal[None, :lj, :lj]
+            if li == lj:
+                want = symntk.kernel(program, xi, None if i == j else xj, adjacency1=ai,
+                                     adjacency2=None if i == j else aj)
+                tol = 1e-12
+            else:
+                want = symntk.KernelResult(*_gntk(xi, ai, xj, aj, "mean", 2, "mean",
+                                                  b_out=None), {})
+                tol = 1e-10
+            np.testing.assert_allclose(got.nngp[i, j], want.nngp[0, 0], rtol=tol, atol=0)
+            np.testing.assert_allclose(got.ntk[i, j], want.ntk[0, 0], rtol=tol, atol=0)
 
 
 def test_finite_gnn_monte_carlo():
