@@ -507,7 +507,8 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     # ------------------------------------------------------------------ selfpass
     out(0, "")
     out(0, "@njit(cache=CACHE, parallel=True, error_model='numpy')")
-    out(0, f"def selfpass(X, theta, dims, {', '.join(['G', 'NW'] * bool(mixes) + tables_a + ['out'])}):")
+    graph_args = ["G", "NW"] if mixes else []          # matrices and node weights per example
+    out(0, f"def selfpass(X, theta, dims, {', '.join(graph_args + tables_a + ['out'])}):")
     out(1, "for a in prange(X.shape[0]):")
     alloc(2)
     out(2, "res = np.zeros(2)")
@@ -518,10 +519,11 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     out(2, "out[1, a] = res[1]")
     out(1, "return 0")
     # ------------------------------------------------------------------ pairs
+    pair_graph_args = ["G1", "G2", "NW1", "NW2"] if mixes else []
     out(0, "")
     out(0, "@njit(cache=CACHE, parallel=True, error_model='numpy')")
     out(0, f"def pairs(X1, X2, theta, dims, symmetric, "
-           f"{', '.join(['G1', 'G2', 'NW1', 'NW2'] * bool(mixes) + tables_a + tables_b + ['out'])}):")
+           f"{', '.join(pair_graph_args + tables_a + tables_b + ['out'])}):")
     out(1, "N1, N2 = X1.shape[0], X2.shape[0]")
     out(1, "for a in prange(N1):")
     alloc(2)
