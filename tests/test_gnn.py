@@ -199,11 +199,12 @@ def test_fixed_map_over_tokens_with_masks():
             np.testing.assert_allclose(got.ntk[i, j], want.ntk[0, 0], rtol=tol, atol=0)
 
 
-def test_finite_gnn_monte_carlo():
+@pytest.mark.parametrize("how", ["sum", "mean"])
+def test_finite_gnn_monte_carlo(how):
     """The finite-width network (width 4096, 4 seeds) agrees with the GNTK within 3 standard
-    errors (NTK and NNGP, sum aggregation and readout)."""
+    errors (NTK and NNGP; sum aggregation and readout, mean aggregation and readout)."""
     X, A = _graphs(3, 4, 5)
-    program = _program("sum")
+    program = _program(how, readout=how)
     r = symntk.kernel(program, X, adjacency1=A)
     mc = symntk.monte_carlo(program, graph_inputs(X, A), width=4096, n_samples=4)
     assert np.all(np.abs(mc.ntk_mean - r.ntk) <= 3 * mc.ntk_sem + 1e-12)
