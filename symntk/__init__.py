@@ -19,6 +19,8 @@ from .program import (AvgPool, Bias, Carry, Concat, Conv, Dropout, Embedding, Fi
                       Repeat, Scan, Transpose, Vector, VectorReadout, Weight, WIDTH, concat, dropout,
                       nonlin, repeat, scan)
 from .builders import cnn, gru, lstm, mlp, residual_mlp, rnn, stacked_rnn, tied_mlp
+from .program import Aggregate
+from .graphs import gnn
 from .activations import JumpWarning
 from .derivation import derive
 from .equations import Derivation, Equation, Loop
@@ -39,7 +41,7 @@ __all__ = [
     "MatMul", "Moment", "Nonlin", "OutputBias", "Pool", "Program", "ProgramError", "Readout",
     "Repeat", "Scan", "Transpose", "Vector", "VectorReadout", "Weight", "WIDTH", "concat",
     "dropout", "nonlin", "repeat", "scan", "mlp", "cnn", "residual_mlp", "tied_mlp", "rnn",
-    "stacked_rnn", "gru",
+    "stacked_rnn", "gru", "Aggregate", "gnn",
     "lstm", "Derivation", "Equation",
     "Loop", "derive", "JumpWarning", "KernelResult", "gram", "kernel", "compile", "activation", "GIACheck",
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
@@ -64,15 +66,23 @@ def compile(derivation, **options):
 
 
 def kernel(program, X1, X2=None, mode: str = "gia", params=None, jumps: str = "warn",
-           mask1=None, mask2=None) -> KernelResult:
+           mask1=None, mask2=None, adjacency1=None, adjacency2=None) -> KernelResult:
     """One call: derive ``program``, compile it (cached) and return its NNGP/NTK Gram matrices.
 
     Derivations the code generator does not handle yet fall back to the NumPy evaluator.
     ``jumps``: see :func:`symntk.derive`.  ``mask1``/``mask2`` (N, T): sequences of different
     lengths padded into one batch, 1 on tokens and 0 on the padding after them
-    (:mod:`symntk.masks`): the kernels of the unpadded sequences.
+    (:mod:`symntk.masks`): the kernels of the unpadded sequences.  A graph program (with
+    ``Aggregate`` steps, :mod:`symntk.graphs`) takes X (N, P, d), the adjacency matrices
+    ``adjacency1``/``adjacency2`` (N, P, P), and node masks (N, P) for graphs of different node
+    counts padded to P (padded nodes contribute nothing).
     """
     k = derive(program, mode=mode, jumps=jumps).kernel_function(stacklevel=2)
+    if getattr(k, "takes_graphs", False):
+        return k(X1, X2, params=params, adjacency1=adjacency1, adjacency2=adjacency2,
+                 mask1=mask1, mask2=mask2)
+    if adjacency1 is not None or adjacency2 is not None:
+        raise ValueError("adjacency matrices given but the program has no Aggregate step")
     if mask1 is None and mask2 is None:
         return k(X1, X2, params=params)
     from .masks import masked_gram

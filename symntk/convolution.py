@@ -32,7 +32,11 @@ filter offsets k (the ``PIXEL_RULES`` table):
 * ``AvgPool``: :math:`C_{p,q} = |F|^{-2}\sum_{k,k'\in F} C^x_{sp+k-o,\,sq+k'-o}` (two offsets: the
   pooling has no weights to tie them), and the same for :math:`\Theta`;
 * ``Pool(x, "mean")`` (global average pooling): :math:`P^{-2}\sum_{p,q}`; ``Pool(x, "flatten")``:
-  :math:`P^{-1}\sum_p` of the same-pixel entries only;
+  :math:`P^{-1}\sum_p` of the same-pixel entries only; ``Pool(x, "sum")``: :math:`\sum_{p,q}`;
+* ``Aggregate`` (a fixed linear map over positions, given per example: a graph's normalised
+  adjacency :math:`\hat A`): :math:`C_{p,q} = \sum_{s,t}\hat A_{p,s} C^x_{s,t}\hat A'_{q,t}`, i.e.
+  :math:`C = \hat A C^x \hat A'^\top`, and the same for :math:`\Theta` (no weights; Du et al.
+  2019, Eqs. 4-5; Neural Tangents' ``Aggregate``);
 * the readout v (+ b): :math:`K = \sigma_v^2 C + \sigma_{b}^2`,
   :math:`\Theta = a_v C + \sigma_v^2\Theta + a_b`.
 
@@ -56,7 +60,7 @@ import sympy as sp
 from .activations import partial_derivative
 from .gaussian import GaussianExpectation, expect
 from .parametrization import bias_factor, weight_factor
-from .program import (AvgPool, Bias, Conv, Input, Node, Nonlin, OutputBias, Pool, Program,
+from .program import (Aggregate, AvgPool, Bias, Conv, Input, Node, Nonlin, OutputBias, Pool, Program,
                       Readout, Vector, Weight)
 
 __all__ = ["ConvStep", "ConvDerivation", "derive_conv", "is_convolutional", "PIXEL_RULES",
@@ -73,7 +77,7 @@ K_IDX, K2_IDX = sp.Symbol("k"), sp.Symbol("k'")
 
 def is_convolutional(program: Program) -> bool:
     """True if the program convolves (a ``Conv`` or ``AvgPool``) or reads an image input."""
-    return any(isinstance(n, (Conv, AvgPool)) for n in program.nodes) or any(
+    return any(isinstance(n, (Conv, AvgPool, Aggregate)) for n in program.nodes) or any(
         len(getattr(i, "position_axes", ())) > 1 for i in program.inputs)
 
 
@@ -81,13 +85,15 @@ def is_convolutional(program: Program) -> bool:
 class ConvStep:
     """One node's pixel-pair kernels: how they are computed from earlier steps.
 
-    ``kind``: "input" | "conv" | "affine" | "bias" | "phi" | "avgpool" | "pool".
+    ``kind``: "input" | "conv" | "affine" | "bias" | "phi" | "avgpool" | "pool" | "mix".
     ``reads``: indices of the steps read (with ``coeffs`` for "affine").
     ``window``/``strides``/``padding``: per axis (two axes: a 1-D program runs as H x 1 images).
     ``C``/``dC`` ("phi"): the closed forms E phi(u) phi(v), E phi'(u) phi'(v) in (q_1, s, q_2);
     ``C_same``/``dC_same`` the same at one pixel of one image, in q (exact diagonals).
     ``weight``/``weight_factor`` ("conv"): sigma_W^2 and the NTK factor a_W; ``bias``/
     ``bias_factor`` ("bias"): sigma_b^2 and a_b.  ``gaussian``: the vector is Gaussian.
+    ``how``/``self_loops`` ("mix"): the aggregation's normalisation ("sum" | "mean") and whether
+    the identity is added to the adjacency; ("pool"): the pooling.
     """
     kind: str
     node: Node
@@ -108,6 +114,7 @@ class ConvStep:
     gaussian: bool = False
     has_theta: bool = True
     label: str = ""
+    self_loops: bool = False
 
 
 @dataclass(frozen=True, repr=False)
@@ -237,8 +244,7 @@ def _rule_nonlin(b: _Builder, node: Nonlin, rank: int):
     poly = sp.Poly(expr, *vars_) if expr.is_polynomial(*vars_) else None
     if poly is not None and poly.total_degree() <= 1 and poly.coeff_monomial(1) == 0:
         coeffs = tuple(sp.sympify(poly.coeff_monomial(v)) for v in vars_)
-        blocks = [b.steps[r].node.weight if b.steps[r].kind == "conv" else b.steps[r].node
-                  for r in reads]
+        blocks = [_block(b, r) for r in reads]
         if len(set(blocks)) != len(blocks):
             raise NotImplementedError(f"Nonlin {node.label()!r} adds two vectors of one weight")
         if not any(b.steps[r].kind != "bias" for r in reads):
@@ -259,6 +265,22 @@ def _rule_nonlin(b: _Builder, node: Nonlin, rank: int):
                          gaussian=False, has_theta=src.has_theta, label=_label(node)))
 
 
+def _block(b: _Builder, r: int):
+    """The independent Gaussian family a step belongs to: its weight (a Conv, or a fixed map of
+    one, which stays in that weight's family), or the bias itself."""
+    s = b.steps[r]
+    while s.kind == "mix":
+        s = b.steps[s.reads[0]]
+    return s.node.weight if s.kind == "conv" else s.node
+
+
+def _rule_aggregate(b: _Builder, node: Aggregate, rank: int):
+    src = b.read(node.vector)
+    b.add(node, ConvStep("mix", node, reads=(src,), how=node.how, self_loops=node.self_loops,
+                         gaussian=b.steps[src].gaussian, has_theta=b.steps[src].has_theta,
+                         label=_label(node)))
+
+
 def _closed_forms(phi, dphi, x, node):
     """E phi(u) phi(v), E phi'(u) phi'(v) for a pixel pair of two images, and the same at one
     pixel of one image (one variance: exact where the pair form loses digits at c = 1)."""
@@ -269,6 +291,13 @@ def _closed_forms(phi, dphi, x, node):
     dC = expect(d1 * d2, (_U1, _U2), cov)
     Cs = expect(f1 ** 2, (_U1,), sp.Matrix([[Q]]))
     dCs = expect(d1 ** 2, (_U1,), sp.Matrix([[Q]]))
+    # sqrt(1 - s^2/(q_1 q_2)) as sqrt((1 - c)(1 + c)) with the c = s/sqrt(q_1 q_2) that acos
+    # reads: sin and acos of one rounded c stay consistent, so near c = 1 (two positions with the
+    # same features: a graph's symmetric nodes) the dual loses O(theta^3), not O(sqrt(eps)) that
+    # the next layer's acos would amplify to O(eps^(1/4))
+    c = S12 * Q1 ** sp.Rational(-1, 2) * Q2 ** sp.Rational(-1, 2)
+    one_minus = {1 - S12 ** 2 / (Q1 * Q2): sp.Mul(1 - c, 1 + c, evaluate=False)}
+    C, dC = C.xreplace(one_minus), dC.xreplace(one_minus)
     for e in (C, dC, Cs, dCs):
         if e.has(GaussianExpectation):
             raise NotImplementedError(
@@ -295,6 +324,7 @@ PIXEL_RULES = {
     Bias: _rule_bias,
     Nonlin: _rule_nonlin,
     Pool: _rule_pool,
+    Aggregate: _rule_aggregate,
 }
 
 
@@ -346,7 +376,7 @@ def derive_conv(program: Program, mode: str = "gia") -> ConvDerivation:
     if not b.steps[pooled].has_theta:
         raise NotImplementedError("the readout reads the input directly: no hidden layer")
     spatial = "diagonal" if (b.steps[pooled].how == "flatten" and not any(
-        s.kind == "avgpool" for s in b.steps)) else "full"
+        s.kind in ("avgpool", "mix") for s in b.steps)) else "full"
     v = out.weight
     a_v = weight_factor(v.parametrization, v.variance, v.fan_in)
     Cp, Tp = ConvDerivation.C_POOL, ConvDerivation.THETA_POOL
@@ -452,10 +482,27 @@ def _equations(steps, rank, pooled, nngp, ntk) -> list:
                 srcf = _family(fam, src, s.reads[0])
                 if s.how == "mean":
                     rhs = sp.Sum(sp.Sum(srcf[p, q], (q, 1, Pn)), (p, 1, Pn)) / Pn ** 2
+                elif s.how == "sum":
+                    rhs = sp.Sum(sp.Sum(srcf[p, q], (q, 1, Pn)), (p, 1, Pn))
                 else:
                     rhs = sp.Sum(srcf[p, p], (p, 1, Pn)) / Pn
-                eqs.append((lhs, rhs, "global average pooling" if s.how == "mean" and
-                            fam == "C" else ("flatten: same pixels only" if fam == "C" else "")))
+                note = {"mean": "global average pooling", "sum": "sum pooling",
+                        "flatten": "flatten: same pixels only"}[s.how]
+                eqs.append((lhs, rhs, note if fam == "C" else ""))
+        elif s.kind == "mix":
+            src = steps[s.reads[0]]
+            A1 = sp.IndexedBase(sp.Symbol(r"\hat A"))
+            A2 = sp.IndexedBase(sp.Symbol(r"\hat A'"))
+            u, v = sp.Symbol("u"), sp.Symbol("v")
+            Pn = sp.Symbol("P")
+            norm = ("A + I" if s.self_loops else "A") + (
+                ", rows divided by the degree" if s.how == "mean" else "")
+            for fam, lhs in (("C", C[p, q]), ("T", T[p, q])):
+                if fam == "T" and not s.has_theta:
+                    continue
+                srcf = _family(fam, src, s.reads[0])
+                rhs = sp.Sum(sp.Sum(A1[p, u] * srcf[u, v] * A2[q, v], (v, 1, Pn)), (u, 1, Pn))
+                eqs.append((lhs, rhs, f"aggregation: hat A = {norm}" if fam == "C" else ""))
     eqs.append((sp.Symbol("K"), nngp, "NNGP"))
     eqs.append((sp.Symbol(r"\Theta"), ntk, "NTK"))
     return eqs

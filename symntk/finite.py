@@ -46,7 +46,7 @@ import sympy as sp
 from .activations import partial_derivative
 from .parametrization import bias_factor, raw_weight_factor
 from .program import (PARAMETRIZATIONS, AvgPool, Bias, Carry, Concat, Conv, Dropout, Embedding,
-                      FixedReadout,
+                      FixedReadout, Aggregate,
                       Input, MatMul, Moment, Node, Nonlin, OutputBias, Pool, Program, Readout,
                       READOUTS, Scan, Transpose, VectorReadout, Weight, _children)
 from .binding import by_name as _by_name, subs_by_name as _subs
@@ -254,7 +254,23 @@ def _fwd_pool(net, node: Pool, env, n):
     if node.how == "flatten":
         raise NotImplementedError("the finite-width referee does not flatten yet (its readout's "
                                   "fan-in n P depends on the image size): use Pool(x, 'mean')")
-    return x.mean(axis=tuple(range(1, x.ndim - 1))) if node.how == "mean" else x[:, -1]
+    if node.how == "mean" and _NODE_MASK not in env:
+        return x.mean(axis=tuple(range(1, x.ndim - 1)))
+    w = _pool_weights(node, x, env)
+    if w is not None:       # sum, or mean over the real nodes of a graph
+        return np.einsum("np,npc->nc", w, x.reshape(x.shape[0], -1, x.shape[-1]))
+    return x[:, -1]
+
+
+def _pool_weights(node: Pool, x, env):
+    """d pool / d x^p per example and position (N, P) for "sum" and "mean" (the real nodes of a
+    node mask only, when the input mapping has one), None for "last"."""
+    if node.how == "last":
+        return None
+    P = int(np.prod(x.shape[1:-1]))
+    m = env.get(_NODE_MASK)
+    w = np.ones((x.shape[0], P)) if m is None else m.astype(np.float64)
+    return w / w.sum(axis=1, keepdims=True) if node.how == "mean" else w
 
 
 def _window_taps(node, spatial: tuple) -> tuple[list, tuple]:
@@ -322,6 +338,30 @@ def _fwd_avgpool(net, node: AvgPool, env, n):
     return P.sum(axis=-2) / node.filter_size
 
 
+#: Keys of the graph data in a batch's environment (from the input mapping, see _check_inputs).
+_ADJACENCY, _NODE_MASK = ("graph", "adjacency"), ("graph", "mask")
+
+
+def _graph_matrix(node: Aggregate, env) -> np.ndarray:
+    """The normalised adjacency c_u A_hat[u, v] of every graph of the batch for ``node``."""
+    key = ("graph", node.how, node.self_loops)
+    M = env.get(key)
+    if M is None:
+        from .graphs import normalized_adjacency
+        M = env[key] = normalized_adjacency(env[_ADJACENCY], node.how, node.self_loops,
+                                            env.get(_NODE_MASK))
+    return M
+
+
+def _fwd_aggregate(net, node: Aggregate, env, n):
+    """y_u = sum_v M[u, v] x_v per graph (Du et al. 2019, Eq. 4), M the normalised adjacency."""
+    return np.einsum("nuv,nvc->nuc", _graph_matrix(node, env), env[node.vector])
+
+
+def _bwd_aggregate(net, node: Aggregate, G, env, tape):
+    tape.add(node.vector, np.einsum("nuv,nuc->nvc", _graph_matrix(node, env), G))
+
+
 def _fwd_scan(net, node: Scan, env, n):
     """s^t = body(s^{t-1}, c^{t-1}, inputs at t), t = 1..T (TP2 Eq. 14), one position at a time.
 
@@ -368,7 +408,8 @@ def _fwd_dropout(net, node: Dropout, env, n):
 
 _FORWARD = {Input: _fwd_input, Embedding: _fwd_embedding, MatMul: _fwd_matmul, Bias: _fwd_bias,
             Nonlin: _fwd_nonlin, Moment: _fwd_moment, Pool: _fwd_pool, Scan: _fwd_scan,
-            Concat: _fwd_concat, Dropout: _fwd_dropout, Conv: _fwd_conv, AvgPool: _fwd_avgpool}
+            Concat: _fwd_concat, Dropout: _fwd_dropout, Conv: _fwd_conv, AvgPool: _fwd_avgpool,
+            Aggregate: _fwd_aggregate}
 
 
 class _Env(dict):
@@ -458,10 +499,15 @@ def _bwd_moment(net, node: Moment, G, env, tape):
 
 def _bwd_pool(net, node: Pool, G, env, tape):
     x = env[node.vector]
-    if node.how == "mean":  # d/dx^t (1/T) sum_r x^r = 1/T at every t (T: all positions)
+    if node.how == "mean" and _NODE_MASK not in env:
+        # d/dx^t (1/T) sum_r x^r = 1/T at every t (T: all positions)
         lead = x.shape[1:-1]
         G = G.reshape(G.shape[:1] + (1,) * len(lead) + G.shape[1:])
         tape.add(node.vector, np.broadcast_to(G / int(np.prod(lead)), x.shape))
+        return
+    w = _pool_weights(node, x, env)
+    if w is not None:       # sum (1 at every position), or mean over the real nodes
+        tape.add(node.vector, (w[:, :, None] * G[:, None, :]).reshape(x.shape))
     else:                   # only the last position is read
         g = np.zeros(x.shape)
         g[:, -1] = G
@@ -537,7 +583,8 @@ def _bwd_dropout(net, node: Dropout, G, env, tape):
 
 _BACKWARD = {Input: _bwd_input, Embedding: _bwd_embedding, MatMul: _bwd_matmul, Bias: _bwd_bias,
              Nonlin: _bwd_nonlin, Moment: _bwd_moment, Pool: _bwd_pool, Scan: _bwd_scan,
-             Concat: _bwd_concat, Dropout: _bwd_dropout, Conv: _bwd_conv, AvgPool: _bwd_avgpool}
+             Concat: _bwd_concat, Dropout: _bwd_dropout, Conv: _bwd_conv, AvgPool: _bwd_avgpool,
+             Aggregate: _bwd_aggregate}
 
 
 
@@ -770,6 +817,16 @@ class FiniteNetwork:
     # -- evaluation ------------------------------------------------------------------------
     def _check_inputs(self, X) -> tuple[dict, int]:
         inputs = self.program.inputs
+        graph = None
+        if any(isinstance(node, Aggregate) for node in self.program.nodes):
+            # a graph network: the input mapping also holds the adjacency (N, P, P) and
+            # optionally a node mask (N, P) (symntk.graphs.graph_inputs)
+            if not isinstance(X, Mapping) or "adjacency" not in X:
+                raise ValueError("the program aggregates over graph nodes: pass a mapping "
+                                 "{input name: X, 'adjacency': A (N, P, P)[, 'mask': (N, P)]} "
+                                 "(symntk.graphs.graph_inputs)")
+            X = dict(X)
+            graph = (X.pop("adjacency"), X.pop("mask", None))
         if not isinstance(X, Mapping):
             if len(inputs) != 1:
                 raise ValueError(f"the program has {len(inputs)} inputs {[i.name for i in inputs]}; "
@@ -805,6 +862,12 @@ class FiniteNetwork:
                 raise ValueError(f"inputs have different numbers of examples ({n} and {x.shape[0]})")
             n = x.shape[0]
             env[inp] = x.astype(np.float64, copy=False)
+        if graph is not None:
+            from .graphs import check_adjacency, node_mask
+            P = env[inputs[0]].shape[1]
+            env[_ADJACENCY] = check_adjacency(graph[0], n, P)
+            if graph[1] is not None:
+                env[_NODE_MASK] = node_mask(graph[1], n, P)
         return env, n
 
     @property

@@ -48,7 +48,7 @@ __all__ = [
     "MatMul", "Concat", "concat", "Dropout", "dropout", "DROPOUT_MODES", "Nonlin", "Moment",
     "Carry", "Repeat", "Readout", "VectorReadout", "FixedReadout",
     "READOUTS", "OutputBias", "Scan", "Pool", "POOLINGS", "scan", "Conv", "AvgPool", "PADDINGS",
-    "Program", "nonlin", "repeat", "PARAMETRIZATIONS", "WIDTH",
+    "Aggregate", "AGGREGATIONS", "Program", "nonlin", "repeat", "PARAMETRIZATIONS", "WIDTH",
 ]
 
 #: The default width symbol of hidden layers.
@@ -755,7 +755,7 @@ def _check_scan_state(label, carry, body, init, carries, positions):
 
 #: how a pooling readout reduces positions: mean over t, the last position t = T, or every
 #: position kept side by side (a flattened image, read by a Dense layer of fan-in n P).
-POOLINGS = ("mean", "last", "flatten")
+POOLINGS = ("mean", "last", "flatten", "sum")
 
 
 class Pool(Vector):
@@ -763,7 +763,8 @@ class Pool(Vector):
     pixel of an image, global average pooling), x^T (``"last"``), e.g. the average-pooled or
     last-state readout of an RNN (TP2 App. E.2), or ``"flatten"``: the concatenation of x^t
     over all P positions, which a readout reads as v . vec(x) / sqrt(n P) (Neural Tangents'
-    ``Flatten``; its kernel is (1/P) sum_t E[Z^{x^t} Z^{x'^t}], same positions only)."""
+    ``Flatten``; its kernel is (1/P) sum_t E[Z^{x^t} Z^{x'^t}], same positions only), or
+    ``"sum"``: sum_t x^t (the sum-pooling readout of a graph network, Du et al. 2019)."""
 
     def __new__(cls, vec: Vector, how: str = "mean", name: str = ""):
         if not isinstance(vec, Vector):
@@ -911,6 +912,51 @@ class AvgPool(Vector):
 
     def label(self):
         return self.name or f"avgpool {self.vector.label()}"
+
+
+#: Normalisations of a neighbourhood aggregation: the plain sum of the neighbours, or their mean.
+AGGREGATIONS = ("sum", "mean")
+
+
+class Aggregate(Vector):
+    """y_p = sum_s A[p, s] x_s: a fixed linear map over the positions (graph nodes) of x, with a
+    matrix A given per example as data (the graph's adjacency), shared by every channel (Neural
+    Tangents' ``Aggregate`` / ``DotGeneral`` over the position axis; the AGGREGATE step of a
+    graph network, Du et al. 2019 "Graph Neural Tangent Kernel", Eq. 4).
+
+    The matrix applied is A_hat = A + I (``self_loops=True``: every node also reads itself, as in
+    Du et al.) or A, then ``how="sum"`` (c_p = 1) or ``how="mean"`` (c_p = 1 / sum_s A_hat[p, s],
+    the node's degree): y_p = c_p sum_s A_hat[p, s] x_s.  It has no weights, so the kernels of y are
+    C^y = A_hat1 C^x A_hat2^T and Theta^y = A_hat1 Theta^x A_hat2^T (one matrix per example).
+    """
+
+    def __new__(cls, vec: Vector, how: str = "sum", self_loops: bool = True, name: str = ""):
+        if not isinstance(vec, Vector):
+            raise ProgramError(f"Aggregate mixes the positions of a width-space vector, got "
+                               f"{type(vec).__name__} (aggregate after the first Conv/Dense)")
+        if vec.positions is None or "," in vec.positions:
+            raise ProgramError(f"Aggregate({vec.label()!r}): the vector must be indexed by one "
+                               "position axis (the nodes of a graph)")
+        if _str(how) not in AGGREGATIONS:
+            raise ProgramError(f"unknown aggregation {how!r}; expected one of {AGGREGATIONS}")
+        if not isinstance(self_loops, (bool, sp.logic.boolalg.BooleanAtom)):
+            raise ProgramError(f"self_loops must be True or False, got {self_loops!r}")
+        return super().__new__(cls, vec, Str(_str(how)), sp.true if self_loops else sp.false,
+                               Str(_str(name)))
+
+    vector = property(lambda self: self.args[0])
+    how = property(lambda self: self.args[1].name)
+    self_loops = property(lambda self: bool(self.args[2]))
+    dim = property(lambda self: self.args[0].dim)
+    positions = property(lambda self: self.args[0].positions)
+    name = property(lambda self: self.args[3].name or None)
+    operands = property(lambda self: (self.args[0],))
+
+    def named(self, name):
+        return Aggregate(self.vector, self.how, self.self_loops, name)
+
+    def label(self):
+        return self.name or f"agg_{self.how} {self.vector.label()}"
 
 
 def scan(body: Callable[[Vector], Vector], positions: str = "t", init: Vector | None = None,

@@ -995,6 +995,9 @@ def _z_shifted_state(eng: Engine, node: Node, copy: int, pos) -> sp.Expr:
 def _z_pool(eng: Engine, node: Pool, copy: int, pos) -> sp.Expr:
     """x^T (last) or (1/T) sum_t x^t (mean), a position-free vector."""
     L = eng.length(copy)
+    if node.how not in ("last", "mean"):
+        raise NotImplementedError(f"Pool(x, {node.how!r}) of a sequence: use 'mean' or 'last' "
+                                  "('sum' and 'flatten' are derived over graph nodes and pixels)")
     if node.how == "last":
         return eng.z(node.vector, copy, L)
     i = POSITION_INDEX[copy]

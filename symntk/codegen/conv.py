@@ -14,6 +14,10 @@ The generated module has three functions:
   the one-variance closed forms (exact at correlation 1).
 * ``selfpass(X, ...)``: ``prange`` over images, ``body(x, x, same=True)``: the tables and the
   Gram diagonal, once per image.
+* a fixed map over positions (``Aggregate``, kind "mix") reads the two examples' matrices
+  ``g1[k]``, ``g2[k]`` (k: the k-th mix step; (P, P) each, already normalised by the driver) and
+  writes C = g1 C^x g2^T (and Theta) through one (P, P) scratch matrix: two passes of P^2 times
+  the number of nonzero entries of a graph's matrix (zeros are skipped: graphs are sparse);
 * ``pairs(X1, X2, ...)``: ``prange`` over rows; each thread allocates its scratch once and reuses
   it for every column (the upper triangle when X2 is X1).  Nothing of size N^2 P^2 exists.
 """
@@ -210,7 +214,10 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     out.lines.extend(_WINDOWS.splitlines())
 
     arrays = [i for i, s in enumerate(steps) if s.kind in ("input", "conv", "affine", "phi",
-                                                           "avgpool")]
+                                                           "avgpool", "mix")]
+    mixes = [i for i, s in enumerate(steps) if s.kind == "mix"]
+    if mixes and not full:
+        raise NotImplementedError("a fixed map over positions needs all position pairs")
     phis = [i for i, s in enumerate(steps) if s.kind == "phi"]
     hoisted = {}
     for i in phis:
@@ -230,13 +237,15 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
                 scratch.append(f"V{i}")
         if s.kind == "avgpool":
             scratch += [f"A{i}", f"B{i}", f"D{i}"]
+        if s.kind == "mix":
+            scratch.append(f"M{i}")
     tables_a = [f"ha{i}" for i in phis]
     tables_b = [f"hb{i}" for i in phis]
 
     def shape_of(name: str, i: int) -> str:
         s = steps[i]
         H, W = f"dims[{i}, 0]", f"dims[{i}, 1]"
-        if name.startswith(("C", "T")):
+        if name.startswith(("C", "T", "M")):
             return f"({H}, {W}, {H}, {W})" if full else f"({H}, {W})"
         src = s.reads[0]
         Hs, Ws = f"dims[{src}, 0]", f"dims[{src}, 1]"
@@ -254,7 +263,8 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
             out(depth, f"{name} = np.empty({shape_of(name, i)})")
 
     # ------------------------------------------------------------------ body
-    args = ["x1", "x2", "same", "theta", "dims"] + tables_a + tables_b + scratch + ["res"]
+    graphs = ["g1", "g2", "w1", "w2"] if mixes else []
+    args = ["x1", "x2", "same", "theta", "dims"] + graphs + tables_a + tables_b + scratch + ["res"]
     out(0, "")
     out(0, "@njit(cache=CACHE, error_model='numpy')")
     out(0, f"def body({', '.join(args)}):")
@@ -400,6 +410,61 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
                 _assign_cse(out, 4, [C, dC], ["v", "dv"], names, "c")
                 out(3, f"C{i}[i, j] = v")
                 out(3, f"T{i}[i, j] = dv * T{src}[i, j]" if has_t else f"T{i}[i, j] = 0.0")
+        elif s.kind == "mix":
+            src = s.reads[0]
+            k = mixes.index(i)
+            out(1, f"P = dims[{i}, 0] * dims[{i}, 1]")
+            out(1, f"mt = M{i}.reshape(P, P)")
+            for fam in ("C", "T") if s.has_theta else ("C",):
+                # mt = g1 X, then X' = mt g2^T: C^y = A1 C^x A2^T (Theta likewise)
+                out(1, f"xs = {fam}{src}.reshape(P, P)")
+                out(1, f"xd = {fam}{i}.reshape(P, P)")
+                out(1, "for p in range(P):")
+                out(2, "for t in range(P):")
+                out(3, "mt[p, t] = 0.0")
+                out(2, "for u in range(P):")
+                out(3, f"a = g1[{k}, p, u]")
+                out(3, "if a != 0.0:")
+                out(4, "for t in range(P):")
+                out(5, "mt[p, t] += a * xs[u, t]")
+                out(1, "for p in range(P):")
+                out(2, "for q in range(P):")
+                out(3, "xd[p, q] = 0.0")
+                out(1, "for q in range(P):")           # skips the zeros of a sparse graph
+                out(2, "for t in range(P):")
+                out(3, f"a = g2[{k}, q, t]")
+                out(3, "if a != 0.0:")
+                out(4, "for p in range(P):")
+                out(5, "xd[p, q] += mt[p, t] * a")
+        elif s.kind == "pool" and mixes:
+            # a graph program: pool over the real nodes only (w = 1 on nodes, 0 on padding)
+            src = s.reads[0]
+            out(1, f"Pp = dims[{src}, 0] * dims[{src}, 1]")
+            out(1, f"cs = C{src}.reshape(Pp, Pp)")
+            out(1, f"ts = T{src}.reshape(Pp, Pp)")
+            out(1, "cpool = 0.0")
+            out(1, "tpool = 0.0")
+            out(1, "for p in range(Pp):")
+            if s.how == "flatten":
+                out(2, "cpool += w1[p] * w2[p] * cs[p, p]")
+                out(2, "tpool += w1[p] * w2[p] * ts[p, p]")
+            else:
+                out(2, "if w1[p] != 0.0:")
+                out(3, "for q in range(Pp):")
+                out(4, "if w2[q] != 0.0:")
+                out(5, "cpool += cs[p, q]")
+                out(5, "tpool += ts[p, q]")
+            if s.how == "mean":             # (1/L1 L2) sum over the real node pairs
+                out(1, "n1 = 0.0")
+                out(1, "n2 = 0.0")
+                out(1, "for p in range(Pp):")
+                out(2, "n1 += w1[p]")
+                out(2, "n2 += w2[p]")
+                out(1, "cpool /= n1 * n2")
+                out(1, "tpool /= n1 * n2")
+            elif s.how == "flatten":        # no masks with flatten (the driver refuses them)
+                out(1, "cpool /= Pp")
+                out(1, "tpool /= Pp")
         elif s.kind == "pool":
             src = s.reads[0]
             out(1, f"Hp, Wp = dims[{src}, 0], dims[{src}, 1]")
@@ -413,6 +478,12 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
                 out(2, "tpool += tf[m]")
                 out(1, "cpool /= (Hp * Wp) ** 2")
                 out(1, "tpool /= (Hp * Wp) ** 2")
+            elif s.how == "sum":
+                out(1, f"cf = C{src}.reshape(-1)")
+                out(1, f"tf = T{src}.reshape(-1)")
+                out(1, "for m in range(cf.size):")
+                out(2, "cpool += cf[m]")
+                out(2, "tpool += tf[m]")
             else:
                 out(1, "for i in range(Hp):")
                 out(2, "for j in range(Wp):")
@@ -430,36 +501,41 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     out(1, "return 0")
 
     call = ", ".join(["{x1}", "{x2}", "{same}", "theta", "dims"] +
+                     (["{g1}", "{g2}", "{w1}", "{w2}"] if mixes else []) +
                      [f"ha{i}[{{a}}]" for i in phis] + [f"{{hb}}{i}[{{b}}]" for i in phis] +
                      scratch + ["res"])
     # ------------------------------------------------------------------ selfpass
     out(0, "")
     out(0, "@njit(cache=CACHE, parallel=True, error_model='numpy')")
-    out(0, f"def selfpass(X, theta, dims, {', '.join(tables_a + ['out'])}):")
+    graph_args = ["G", "NW"] if mixes else []          # matrices and node weights per example
+    out(0, f"def selfpass(X, theta, dims, {', '.join(graph_args + tables_a + ['out'])}):")
     out(1, "for a in prange(X.shape[0]):")
     alloc(2)
     out(2, "res = np.zeros(2)")
-    out(2, call.format(x1="X[a]", x2="X[a]", same="True", a="a", b="a", hb="ha")
+    out(2, call.format(x1="X[a]", x2="X[a]", same="True", a="a", b="a", hb="ha", g1="G[a]",
+                       g2="G[a]", w1="NW[a]", w2="NW[a]")
         .join(["body(", ")"]))
     out(2, "out[0, a] = res[0]")
     out(2, "out[1, a] = res[1]")
     out(1, "return 0")
     # ------------------------------------------------------------------ pairs
+    pair_graph_args = ["G1", "G2", "NW1", "NW2"] if mixes else []
     out(0, "")
     out(0, "@njit(cache=CACHE, parallel=True, error_model='numpy')")
     out(0, f"def pairs(X1, X2, theta, dims, symmetric, "
-           f"{', '.join(tables_a + tables_b + ['out'])}):")
+           f"{', '.join(pair_graph_args + tables_a + tables_b + ['out'])}):")
     out(1, "N1, N2 = X1.shape[0], X2.shape[0]")
     out(1, "for a in prange(N1):")
     alloc(2)
     out(2, "res = np.zeros(2)")
     out(2, "for b in range(a + 1 if symmetric else 0, N2):")
-    out(3, call.format(x1="X1[a]", x2="X2[b]", same="False", a="a", b="b", hb="hb")
+    out(3, call.format(x1="X1[a]", x2="X2[b]", same="False", a="a", b="b", hb="hb",
+                       g1="G1[a]", g2="G2[b]", w1="NW1[a]", w2="NW2[b]")
         .join(["body(", ")"]))
     out(3, "out[0, a, b] = res[0]")
     out(3, "out[1, a, b] = res[1]")
     out(1, "return 0")
-    meta = {"phis": phis, "widths": {i: len(hoisted[i][2]) for i in phis}}
+    meta = {"phis": phis, "widths": {i: len(hoisted[i][2]) for i in phis}, "mixes": mixes}
     return "\n".join(out.lines) + "\n", meta
 
 
@@ -485,6 +561,8 @@ def _dims(d: ConvDerivation, H: int, W: int) -> np.ndarray:
             what = f"{type(s.node).__name__} {s.node.label()!r}"
             dims[i, 0], dims[i, 2] = _out_size(int(h), s.window[0], s.strides[0], s.padding, what)
             dims[i, 1], dims[i, 3] = _out_size(int(w), s.window[1], s.strides[1], s.padding, what)
+        elif s.kind == "mix":
+            dims[i, :2] = dims[s.reads[0], :2]
         elif s.kind in ("affine", "phi"):
             shapes = {tuple(dims[r, :2]) for r in s.reads if d.steps[r].kind != "bias"}
             if len(shapes) > 1:
@@ -518,7 +596,9 @@ def check_images(X, name: str, rank: int, channels) -> np.ndarray:
 class ConvKernel:
     """A compiled convolutional derivation: ``k(X1, X2=None, params=None, diagonal=False)`` ->
     :class:`~symntk.result.KernelResult` (``ntk_terms`` is empty: the kernel accumulates the NTK
-    layer by layer)."""
+    layer by layer).  A program with ``Aggregate`` steps (a graph network) also takes the graphs'
+    adjacency matrices, ``adjacency1`` (N1, P, P) for X1 and ``adjacency2`` for X2
+    (:mod:`symntk.graphs`)."""
 
     def __init__(self, derivation: ConvDerivation, module, params: list, meta: dict):
         self.derivation = derivation
@@ -541,12 +621,45 @@ class ConvKernel:
         return [np.zeros((N, dims[i, 0], dims[i, 1], self.meta["widths"][i]))
                 for i in self.meta["phis"]]
 
-    def __call__(self, X1, X2=None, params=None, diagonal: bool = False):
+    @property
+    def takes_graphs(self) -> bool:
+        """True if the program has a fixed map over positions (it needs adjacency matrices)."""
+        return bool(self.meta["mixes"])
+
+    def _graphs(self, A, mask, X, side: str):
+        """(X with padded nodes filled, the normalised matrix of every mix step (N, n_mix, P, P),
+        node weights (N, P)), or (X, None, None) for a program without mix steps."""
+        from ..graphs import prepare_graphs
+        if not self.takes_graphs:
+            if A is not None:
+                raise ValueError(f"adjacency{side} given but the program has no Aggregate step")
+            if mask is not None:
+                raise ValueError(f"mask{side} given to a convolutional kernel without Aggregate "
+                                 "steps: use symntk.kernel(..., mask1=...) for sequences")
+            return X, None, None
+        steps = self.derivation.steps
+        if mask is not None and steps[self.derivation.pooled].how == "flatten":
+            raise ValueError("node masks need a 'sum' or 'mean' pooling readout, not 'flatten'")
+        return prepare_graphs(X, A, mask, [steps[i] for i in self.meta["mixes"]], side,
+                              self._pointwise())
+
+    def _pointwise(self) -> bool:
+        """True if no step reads neighbouring positions (every Conv and AvgPool is 1 x 1)."""
+        return all(s.kind not in ("conv", "avgpool") or tuple(s.window) == (1, 1)
+                   for s in self.derivation.steps)
+
+    def __call__(self, X1, X2=None, params=None, diagonal: bool = False, adjacency1=None,
+                 adjacency2=None, mask1=None, mask2=None):
         d = self.derivation
         channels = d.program.inputs[0].dim
         X1 = check_images(X1, "X1", d.rank, channels)
         symmetric = X2 is None
         X2 = X1 if symmetric else check_images(X2, "X2", d.rank, channels)
+        if symmetric and (adjacency2 is not None or mask2 is not None):
+            raise ValueError("adjacency2 or mask2 given without X2")
+        X1, G1, W1 = self._graphs(adjacency1, mask1, X1, "1")
+        X2, G2, W2 = (X1, G1, W1) if symmetric else self._graphs(adjacency2, mask2, X2, "2")
+        graphs = [] if G1 is None else [G1, W1]
         if X2.shape[1:] != X1.shape[1:]:
             raise ValueError(f"X1 has images of shape {X1.shape[1:]} but X2 of {X2.shape[1:]}")
         theta = self._theta(params, X1.shape[-1])
@@ -554,16 +667,19 @@ class ConvKernel:
         m = self.module
         tab1 = self._tables(X1.shape[0], dims)
         dg = np.zeros((2, X1.shape[0]))
-        m.selfpass(X1, theta, dims, *tab1, dg)
+        m.selfpass(X1, theta, dims, *graphs, *tab1, dg)
         if diagonal:
             return self._result(dg[0], dg[1])
         if symmetric:
             tab2 = tab1
         else:
             tab2 = self._tables(X2.shape[0], dims)
-            m.selfpass(X2, theta, dims, *tab2, np.zeros((2, X2.shape[0])))
+            m.selfpass(X2, theta, dims, *([] if G2 is None else [G2, W2]), *tab2,
+                       np.zeros((2, X2.shape[0])))
         out = np.zeros((2, X1.shape[0], X2.shape[0]))
-        m.pairs(X1, X2, theta, dims, symmetric, *tab1, *tab2, out)
+        m.pairs(X1, X2, theta, dims, symmetric, *([] if G1 is None else [G1, G2, W1, W2]), *tab1,
+                *tab2,
+                out)
         if symmetric:
             from ..kernels import symmetrize
             for k in range(2):
