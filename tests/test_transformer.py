@@ -1,0 +1,233 @@
+"""Attention, LayerNorm over tokens and the Transformer NTK (symntk.attention).
+
+References are written here, independently of the engine, in NumPy:
+
+* NTK4A's Transformer (TP2 App. E.5): the vectorised backward formulas on 4-tensors
+  (M, T, M, T), with D^{x^{l-1}} = sigma_u^2 D^{k^l} (NTK4A's notebook has sigma_u^4 there);
+* Neural Tangents' GlobalSelfAttention with linear_scaling=True (Hron et al. 2020): the
+  attention G = mech(W_Q W_K K_self) of each sequence, K -> W_OV^2 G K G'^T + b^2 and
+  Theta -> W_OV^2 (G Theta G'^T + 2 G K G'^T) + b^2.
+"""
+import numpy as np
+import pytest
+import sympy as sp
+
+import symntk
+from symntk.attention import Attention, LayerNorm, nt_attention_network, transformer
+from symntk.program import Conv, Input, Pool, Program, Readout, Weight
+
+
+# ----------------------------------------------------------------------------- references
+def _vrelu(C):
+    """E relu(u) relu(v) and E step(u) step(v) for the 4-tensor C (M, T, M, T)."""
+    M, T = C.shape[:2]
+    d = np.einsum("aiai->ai", C)
+    nrm = np.sqrt(np.einsum("ai,bj->aibj", d, d))
+    c = np.clip(C / nrm, -1.0, 1.0)
+    th = np.arccos(c)
+    return nrm * (np.sin(th) + (np.pi - th) * c) / (2 * np.pi), (np.pi - th) / (2 * np.pi)
+
+
+def _dot(A, B):
+    return np.einsum("aibj,bjck->aick", A, B)
+
+
+def ntk4a_reference(X, depth, vu=1.0, vw=1.0, vv=1.0, vu_power=1):
+    """TP2 App. E.5's vectorised Transformer kernels (NNGP, NTK), M x M.  ``vu_power=2``
+    reproduces NTK4A's notebook (D^x = vu^2 D^k with vu the variance)."""
+    M, T, d = X.shape
+    I = np.einsum("ab,ij->aibj", np.eye(M), np.eye(T))
+    same = np.einsum("ab,ij->aibj", np.eye(M), np.ones((T, T)))
+
+    def diag_isqrt(C):
+        return 1.0 / np.sqrt(np.einsum("aiai->ai", C))
+
+    def scale(D, s):                      # Diag(s) D Diag(s)
+        return np.einsum("ai,aibj,bj->aibj", s, D, s)
+
+    Cx = [np.einsum("ais,bjs->aibj", X, X) / d]
+    fw = []
+    for _ in range(depth):
+        Ck = vu * Cx[-1]
+        L = np.where(same > 0, Ck, -np.inf)
+        A = np.exp(L - L.max(axis=3, keepdims=True))
+        A = A / A.sum(axis=3, keepdims=True)
+        A = np.where(same > 0, A, 0.0)
+        AI = A + I
+        AIt = np.einsum("aibj->bjai", AI)
+        Cy = _dot(_dot(AI, Ck), AIt)
+        dz = diag_isqrt(Cy)
+        Cz = scale(Cy, dz)
+        Cg = vw * Cz
+        Vg, dVg = _vrelu(Cg)
+        Ch = vw * Vg
+        dx = diag_isqrt(Ch + Cz)
+        Cx.append(scale(Ch + Cz, dx))
+        fw.append(dict(AI=AI, AIt=AIt, dz=dz, Cz=Cz, Vg=Vg, dVg=dVg, dx=dx))
+    ntk = np.einsum("aibj->ab", Cx[-1]) / T ** 2
+    nngp = vv * ntk
+    Dx = np.full(Cx[-1].shape, vv / T ** 2)
+    for l in reversed(range(depth)):
+        f = fw[l]
+        Dh = scale(Dx, f["dx"])
+        Dg = vw * Dh * f["dVg"]
+        Dz = vw * Dg + Dh
+        Dy = scale(Dz, f["dz"])
+        Dk = _dot(_dot(f["AIt"], Dy), f["AI"])
+        ntk = ntk + np.einsum("aibj->ab", Dk * Cx[l] + Dg * f["Cz"] + Dh * f["Vg"])
+        Dx = vu ** vu_power * Dk
+    return nngp, ntk
+
+
+def hron_reference(X, mechanism, W_std, b_std, qk, ov, attn_b=0.0):
+    """Dense -> GlobalSelfAttention(linear_scaling) -> ReLU -> GAP -> Dense(1), NTK param."""
+    M, T, d = X.shape
+    K = W_std ** 2 * np.einsum("ais,bjs->aibj", X, X) / d + b_std ** 2
+    Th = K.copy()                                     # Dense from the input: Theta = K
+    G = []
+    for a in range(M):
+        L = qk * K[a, :, a, :]
+        if mechanism == "softmax":
+            E = np.exp(L - L.max(axis=1, keepdims=True))
+            G.append(E / E.sum(axis=1, keepdims=True))
+        else:
+            G.append(L)
+    G = np.array(G)
+    GKG = np.einsum("ait,atbs,bjs->aibj", G, K, G)
+    GTG = np.einsum("ait,atbs,bjs->aibj", G, Th, G)
+    Ka = ov ** 2 * GKG + attn_b ** 2
+    Ta = ov ** 2 * (GTG + 2 * GKG) + attn_b ** 2
+    V, dV = _vrelu(Ka)
+    Tr = dV * Ta
+    pool = lambda C: np.einsum("aibj->ab", C) / T ** 2     # noqa: E731
+    nngp = W_std ** 2 * pool(V) + b_std ** 2
+    ntk = nngp + W_std ** 2 * pool(Tr)
+    return nngp, ntk
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def seqs():
+    return np.random.default_rng(3).standard_normal((4, 5, 3))
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    cache = {}
+
+    def get(program):
+        if program not in cache:
+            cache[program] = symntk.derive(program).compile()
+        return cache[program]
+    return get
+
+
+# ----------------------------------------------------------------------------- NTK4A
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("vu", [1, 2])
+def test_ntk4a_transformer_matches_vectorised_formulas(seqs, kernels, depth, vu):
+    """The compiled kernel equals TP2 App. E.5's formulas (sigma_u^2 correct) to 1e-10."""
+    vw, vv = 1.5, 0.7
+    p = transformer(depth, sigma_u2=sp.Symbol("su2"), sigma_w2=sp.Symbol("sw2"),
+                    sigma_v2=sp.Symbol("sv2"))
+    r = kernels(p)(seqs, params={"su2": vu, "sw2": vw, "sv2": vv})
+    nngp, ntk = ntk4a_reference(seqs, depth, vu, vw, vv)
+    np.testing.assert_allclose(r.nngp, nngp, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(r.ntk, ntk, rtol=1e-10, atol=1e-12)
+
+
+def test_ntk4a_vu_squared_differs_at_sigma_u2_2(seqs):
+    """NTK4A's sigma_u^4 in D^x changes the depth-2 NTK at sigma_u^2 = 2 (not at 1)."""
+    _, good = ntk4a_reference(seqs, 2, 2.0)
+    _, bug = ntk4a_reference(seqs, 2, 2.0, vu_power=2)
+    assert np.max(np.abs(bug / good - 1)) > 0.05
+    _, good1 = ntk4a_reference(seqs, 2, 1.0)
+    _, bug1 = ntk4a_reference(seqs, 2, 1.0, vu_power=2)
+    np.testing.assert_allclose(bug1, good1, rtol=1e-14)
+
+
+def test_cross_gram_and_diagonal(seqs, kernels):
+    k = kernels(transformer(1))
+    full = k(seqs)
+    cross = k(seqs[:2], seqs[2:])
+    np.testing.assert_allclose(cross.ntk, full.ntk[:2, 2:], rtol=1e-12)
+    np.testing.assert_allclose(k(seqs, diagonal=True).ntk, np.diag(full.ntk), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+def _ln_program(sw=1.0):
+    x = Input("x", 3, positions="t")
+    h = Conv(Weight("W", fan_in=3, variance=sw), x, (1,))
+    v = Weight("v", fan_out=1, variance=1.3)
+    return Program(Readout(v, Pool(LayerNorm(h), "mean")))
+
+
+def test_layernorm_after_dense_is_the_correlation(seqs, kernels):
+    """LN(W x): C = K/sqrt(q q'), Theta likewise (NTK param: Theta of W x is sigma^2 x.x'/d)."""
+    sw, sv = 2.0, 1.3
+    r = kernels(_ln_program(sw))(seqs)
+    K = sw * np.einsum("ais,bjs->aibj", seqs, seqs) / 3
+    q = np.einsum("aiai->ai", K)
+    C = K / np.sqrt(np.einsum("ai,bj->aibj", q, q))
+    T = seqs.shape[1]
+    pool = np.einsum("aibj->ab", C) / T ** 2
+    np.testing.assert_allclose(r.nngp, sv * pool, rtol=1e-12)
+    np.testing.assert_allclose(r.ntk, sv * pool + sv * pool, rtol=1e-12)
+
+
+def test_layernorm_of_relu_is_refused():
+    x = Input("x", 3, positions="t")
+    a = symntk.nonlin("relu", Conv(Weight("W", fan_in=3), x, (1,)))
+    p = Program(Readout(Weight("v", fan_out=1), Pool(LayerNorm(a), "mean")))
+    with pytest.raises(NotImplementedError, match="mean over the width"):
+        symntk.derive(p)
+
+
+# ----------------------------------------------------------------------------- one token
+@pytest.mark.parametrize("mechanism", ["softmax", "identity"])
+def test_attention_over_one_token_is_dense(kernels, mechanism):
+    """T = 1: softmax attention is the identity map, so Attn(W x) has the kernel of W x;
+    identity attention scales it by the logit C^k_{11}; with the skip, softmax doubles it."""
+    X = np.random.default_rng(1).standard_normal((3, 1, 4))
+    x = Input("x", 4, positions="t")
+    h = Conv(Weight("W", fan_in=4, variance=1.7), x, (1,))
+    a = symntk.nonlin("relu", h)
+    h2 = Conv(Weight("W2", variance=0.9), a, (1,))
+    v = Weight("v", fan_out=1)
+    dense = kernels(Program(Readout(v, Pool(symntk.nonlin("erf", h2), "mean"))))(X)
+    att = kernels(Program(Readout(v, Pool(symntk.nonlin(
+        "erf", Attention(h2, h2, mechanism="softmax")), "mean"))))(X)
+    if mechanism == "softmax":
+        np.testing.assert_allclose(att.nngp, dense.nngp, rtol=1e-12)
+        np.testing.assert_allclose(att.ntk, dense.ntk, rtol=1e-12)
+    skip = kernels(Program(Readout(v, Pool(Attention(h2, h2, mechanism=mechanism,
+                                                     skip=True), "mean"))))(X)
+    lin = kernels(Program(Readout(v, Pool(h2, "mean"))))(X)
+    if mechanism == "softmax":
+        np.testing.assert_allclose(skip.nngp, 4 * lin.nngp, rtol=1e-12)
+    else:
+        # a_11 = C^{h2}_{11}(xi, xi) = q: C -> (1 + q)(1 + q') C
+        q = np.sqrt(np.diag(lin.nngp))        # pooled over one token: the same q
+        np.testing.assert_allclose(skip.nngp, np.outer(1 + q ** 2, 1 + q ** 2) * lin.nngp,
+                                   rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- Neural Tangents
+@pytest.mark.parametrize("mechanism", ["softmax", "identity"])
+def test_nt_global_self_attention_matches_hron(seqs, kernels, mechanism):
+    W_std, b_std, wq, wk, wv, wo, ab = 1.3, 0.2, 0.8, 1.1, 1.2, 0.9, 0.3
+    p = nt_attention_network(mechanism, W_std=W_std, b_std=b_std, W_key_std=wk,
+                             W_query_std=wq, W_value_std=wv, W_out_std=wo, attention_b_std=ab)
+    r = kernels(p)(seqs)
+    nngp, ntk = hron_reference(seqs, mechanism, W_std, b_std, wq * wk, wv * wo, ab)
+    np.testing.assert_allclose(r.nngp, nngp, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(r.ntk, ntk, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- exact = GIA
+def test_exact_mode_equals_gia(seqs):
+    p = transformer(2, sigma_u2=2)
+    assert symntk.gia_check(p).holds
+    g = symntk.derive(p, mode="gia").compile()(seqs)
+    e = symntk.derive(p, mode="exact").compile()(seqs)
+    np.testing.assert_array_equal(g.ntk, e.ntk)
