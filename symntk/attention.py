@@ -56,7 +56,8 @@ from .convolution import ConvStep, _family, _label, _tex
 from .program import (WIDTH, Bias, Conv, Input, OutputBias, Pool, Program, ProgramError,
                       Readout, Vector, Weight, _expr, _str, _variance, nonlin)
 
-__all__ = ["Attention", "LayerNorm", "transformer", "nt_attention_network", "MECHANISMS"]
+__all__ = ["Attention", "LayerNorm", "transformer", "nt_attention_network", "MECHANISMS",
+           "ntk4a_vectorised"]
 
 #: Attention mechanisms: the map from logits to attention weights (Neural Tangents' names).
 MECHANISMS = ("softmax", "identity")
@@ -464,3 +465,61 @@ def nt_attention_network(mechanism: str = "softmax", activation="relu", W_std=1.
     v = Weight("v", fan_out=1, fan_in=width, variance=var(W_std, "W_std"))
     b = OutputBias("b_out", var(b_std, "b_std")) if b_std is not None else None
     return Program(Readout(v, Pool(a, "mean", name="gap"), b), name=f"nt_attention_{mechanism}")
+
+
+# ============================================================================ NumPy reference
+def ntk4a_vectorised(X, depth: int, sigma_u2=1.0, sigma_w2=1.0, sigma_v2=1.0,
+                     sigma_u_power: int = 1):
+    r"""NNGP and NTK (M x M) of NTK4A's ReLU Transformer by TP2 App. E.5's vectorised formulas on
+    (M, T, M, T) tensors, all sequences at once (the baseline the compiled kernel is timed
+    against).  Backward: :math:`D^{x^{l-1}} = \sigma_u^2 D^{k^l}`; ``sigma_u_power=2`` gives
+    NTK4A's notebook, which multiplies by :math:`(\sigma_u^2)^2` there."""
+    X = np.asarray(X, dtype=np.float64)
+    M, T, d = X.shape
+    eye = np.einsum("ab,ij->aibj", np.eye(M), np.eye(T))
+
+    def mm(a, b):
+        return np.einsum("aibj,bjck->aick", a, b, optimize=True)
+
+    def isqrt_diag(C):
+        return 1.0 / np.sqrt(np.einsum("aiai->ai", C))
+
+    def conj(D, s):
+        return s[:, :, None, None] * D * s[None, None, :, :]
+
+    def relu_duals(C):
+        q = np.einsum("aiai->ai", C)
+        nrm = np.sqrt(q[:, :, None, None] * q[None, None, :, :])   # exact q on the diagonal
+        c = np.clip(C / nrm, -1.0, 1.0)
+        th = np.arccos(c)
+        return nrm * (np.sqrt(1 - c * c) + (np.pi - th) * c) / (2 * np.pi), \
+            (np.pi - th) / (2 * np.pi)
+
+    Cx = [np.einsum("ais,bjs->aibj", X, X) / d]
+    layers = []
+    for _ in range(depth):
+        Ck = sigma_u2 * Cx[-1]
+        L = np.einsum("aiaj->aij", Ck)                 # each sequence's own logits
+        E = np.exp(L - L.max(axis=2, keepdims=True))
+        A = np.einsum("aij,ab->aibj", E / E.sum(axis=2, keepdims=True), np.eye(M)) + eye
+        At = A.transpose(2, 3, 0, 1)
+        Cy = mm(mm(A, Ck), At)
+        dz = isqrt_diag(Cy)
+        Cz = conj(Cy, dz)
+        Vg, dVg = relu_duals(sigma_w2 * Cz)
+        S = sigma_w2 * Vg + Cz
+        dx = isqrt_diag(S)
+        Cx.append(conj(S, dx))
+        layers.append((A, At, dz, Cz, Vg, dVg, dx))
+    pooled = Cx[-1].sum(axis=(1, 3)) / T ** 2
+    nngp, ntk = sigma_v2 * pooled, pooled.copy()
+    Dx = np.full(Cx[-1].shape, sigma_v2 / T ** 2)
+    for l in reversed(range(depth)):
+        A, At, dz, Cz, Vg, dVg, dx = layers[l]
+        Dh = conj(Dx, dx)
+        Dg = sigma_w2 * Dh * dVg
+        Dy = conj(sigma_w2 * Dg + Dh, dz)
+        Dk = mm(mm(At, Dy), A)
+        ntk += (Dk * Cx[l] + Dg * Cz + Dh * Vg).sum(axis=(1, 3))
+        Dx = sigma_u2 ** sigma_u_power * Dk
+    return nngp, ntk
