@@ -476,10 +476,10 @@ def ntk4a_vectorised(X, depth: int, sigma_u2=1.0, sigma_w2=1.0, sigma_v2=1.0,
     NTK4A's notebook, which multiplies by :math:`(\sigma_u^2)^2` there."""
     X = np.asarray(X, dtype=np.float64)
     M, T, d = X.shape
-    eye = np.einsum("ab,ij->aibj", np.eye(M), np.eye(T))
-
-    def mm(a, b):
-        return np.einsum("aibj,bjck->aick", a, b, optimize=True)
+    # the attention matrices are block diagonal (one T x T matrix per sequence): kept as
+    # (M, T, T), so A C A'^T costs M^2 T^3, not (M T)^3
+    def sandwich(A, C, B):                          # A C B^T per sequence pair
+        return np.einsum("aij,ajbl,bkl->aibk", A, C, B, optimize=True)
 
     def isqrt_diag(C):
         return 1.0 / np.sqrt(np.einsum("aiai->ai", C))
@@ -501,9 +501,9 @@ def ntk4a_vectorised(X, depth: int, sigma_u2=1.0, sigma_w2=1.0, sigma_v2=1.0,
         Ck = sigma_u2 * Cx[-1]
         L = np.einsum("aiaj->aij", Ck)                 # each sequence's own logits
         E = np.exp(L - L.max(axis=2, keepdims=True))
-        A = np.einsum("aij,ab->aibj", E / E.sum(axis=2, keepdims=True), np.eye(M)) + eye
-        At = A.transpose(2, 3, 0, 1)
-        Cy = mm(mm(A, Ck), At)
+        A = E / E.sum(axis=2, keepdims=True) + np.eye(T)
+        At = A.transpose(0, 2, 1)
+        Cy = sandwich(A, Ck, A)
         dz = isqrt_diag(Cy)
         Cz = conj(Cy, dz)
         Vg, dVg = relu_duals(sigma_w2 * Cz)
@@ -519,7 +519,7 @@ def ntk4a_vectorised(X, depth: int, sigma_u2=1.0, sigma_w2=1.0, sigma_v2=1.0,
         Dh = conj(Dx, dx)
         Dg = sigma_w2 * Dh * dVg
         Dy = conj(sigma_w2 * Dg + Dh, dz)
-        Dk = mm(mm(At, Dy), A)
+        Dk = sandwich(At, Dy, At)
         ntk += (Dk * Cx[l] + Dg * Cz + Dh * Vg).sum(axis=(1, 3))
         Dx = sigma_u2 ** sigma_u_power * Dk
     return nngp, ntk
