@@ -197,12 +197,17 @@ _conv.MIXING_KINDS.add("attention")
 
 
 # ============================================================================ equations
+def _self_kernel(step, pair: str) -> sp.IndexedBase:
+    """The kernel of one sequence with itself (printing), named like the step's family."""
+    stem = r"\Sigma" if step.gaussian else "C"
+    return sp.IndexedBase(sp.Symbol(rf"{stem}^{{({_tex(step.label)})}}_{{{pair}}}"))
+
+
 def _eq_layernorm(steps, i, s):
     p, q = _conv.P_IDX, _conv.Q_IDX
     src = steps[s.reads[0]]
     Cs, Ts = _family("C", src, s.reads[0]), _family("T", src, s.reads[0])
-    Sa = sp.IndexedBase(sp.Symbol(rf"C^{{({_tex(src.label)})}}_{{\xi\xi}}"))
-    Sb = sp.IndexedBase(sp.Symbol(rf"C^{{({_tex(src.label)})}}_{{\xi'\xi'}}"))
+    Sa, Sb = _self_kernel(src, r"\xi\xi"), _self_kernel(src, r"\xi'\xi'")
     norm = sp.sqrt((Sa[p, p] + s.bias) * (Sb[q, q] + s.bias))
     C, T = _family("C", s, i), _family("T", s, i)
     out = [(C[p, q], Cs[p, q] / norm, "LayerNorm: the correlation")]
@@ -218,7 +223,7 @@ def _eq_attention(steps, i, s):
     vals, keys = steps[s.reads[0]], steps[s.reads[1]]
     A = sp.IndexedBase(sp.Symbol(rf"\tilde A^{{({_tex(s.label)})}}"))
     A2 = sp.IndexedBase(sp.Symbol(rf"\tilde A'^{{({_tex(s.label)})}}"))
-    Ck = sp.IndexedBase(sp.Symbol(rf"C^{{({_tex(keys.label)})}}_{{\xi\xi}}"))
+    Ck = _self_kernel(keys, r"\xi\xi")
     lam = s.weight * Ck[p, r] if int(s.coeffs[1]) else sp.S.Zero
     if s.how == "softmax":
         a = sp.exp(lam) / sp.Sum(sp.exp(lam.xreplace({r: r2})), (r2, 1, Tn))

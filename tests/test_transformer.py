@@ -236,3 +236,23 @@ def test_nt_global_self_attention_matches_hron(seqs, mechanism):
     nngp, ntk = hron_reference(seqs, mechanism, W_std, b_std, wq * wk, wv * wo, ab)
     np.testing.assert_allclose(r.nngp, nngp, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(r.ntk, ntk, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- printing, errors
+def test_latex_shows_attention_and_layernorm():
+    tex = symntk.derive(transformer(1)).latex()
+    assert r"\tilde A^{(y1)}" in tex and "softmax attention + skip" in tex
+    assert "LayerNorm: the correlation" in tex
+
+
+def test_independent_queries_give_zero_logits():
+    """Queries and keys from independent weights: q_t . k_s / n -> 0, uniform softmax."""
+    x = Input("x", 3, positions="t")
+    h = Conv(Weight("W", fan_in=3), x, (1,))
+    q, k = Conv(Weight("WQ"), h, (1,)), Conv(Weight("WK"), h, (1,))
+    p = Program(Readout(Weight("v", fan_out=1), Pool(Attention(h, k, q), "mean")))
+    step = [s for s in symntk.derive(p).steps if s.kind == "attention"][0]
+    assert step.coeffs[1] == 0
+    q2 = symntk.nonlin("relu", h)
+    with pytest.raises(NotImplementedError, match="queries must be the keys"):
+        symntk.derive(Program(Readout(Weight("v", fan_out=1), Pool(Attention(h, k, q2), "mean"))))
