@@ -115,29 +115,53 @@ def seqs():
 _SU, _SW, _SV = sp.symbols("su2 sw2 sv2")
 
 
-@pytest.fixture(scope="module")
-def ntk4a_kernel():
-    """One compiled kernel per depth, every variance a parameter (compiling is the cost)."""
-    cache = {}
-
-    def get(depth):
-        if depth not in cache:
-            cache[depth] = symntk.derive(transformer(depth, sigma_u2=_SU, sigma_w2=_SW,
-                                                     sigma_v2=_SV)).compile()
-        return cache[depth]
-    return get
-
-
 # ----------------------------------------------------------------------------- NTK4A
-@pytest.mark.parametrize("depth", [1, 2])
-def test_ntk4a_transformer_matches_vectorised_formulas(seqs, ntk4a_kernel, depth):
+# Compiling is the cost of these tests: one kernel per depth, every variance a parameter, and
+# each compiled kernel serves every check that needs its depth (one test per depth, so xdist
+# never compiles it twice).
+def _check_formulas(k, X, depth):
     """The compiled kernel equals TP2 App. E.5's formulas (sigma_u^2 correct) to 1e-10, at
     sigma_u^2 = 1 and 2."""
     for vu, vw, vv in ((1.0, 1.0, 1.0), (2.0, 1.5, 0.7)):
-        r = ntk4a_kernel(depth)(seqs, params={"su2": vu, "sw2": vw, "sv2": vv})
-        nngp, ntk = ntk4a_reference(seqs, depth, vu, vw, vv)
+        r = k(X, params={"su2": vu, "sw2": vw, "sv2": vv})
+        nngp, ntk = ntk4a_reference(X, depth, vu, vw, vv)
         np.testing.assert_allclose(r.nngp, nngp, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(r.ntk, ntk, rtol=1e-10, atol=1e-12)
+
+
+def test_ntk4a_depth_1_and_attention_over_one_token(seqs):
+    """Depth 1 against the formulas; and at T = 1 softmax attention over one token is the
+    identity, so y = Attn(k) + k = 2k and LN(2k) = LN(k): the Transformer is the same network
+    without attention (A = 0 in the reference) -- but not at T = 2."""
+    k = symntk.derive(transformer(1, sigma_u2=_SU, sigma_w2=_SW, sigma_v2=_SV)).compile()
+    _check_formulas(k, seqs, 1)
+    X = np.random.default_rng(1).standard_normal((3, 1, 3))
+    params = {"su2": 2.0, "sw2": 1.5, "sv2": 0.7}
+    r = k(X, params=params)
+    nngp, ntk = ntk4a_reference(X, 1, 2.0, 1.5, 0.7, attention=False)
+    np.testing.assert_allclose(r.nngp, nngp, rtol=1e-10)
+    np.testing.assert_allclose(r.ntk, ntk, rtol=1e-10)
+    X2 = np.random.default_rng(2).standard_normal((3, 2, 3))        # two tokens: it matters
+    _, ntk2 = ntk4a_reference(X2, 1, 2.0, 1.5, 0.7, attention=False)
+    assert not np.allclose(k(X2, params=params).ntk, ntk2, rtol=1e-3)
+
+
+def test_ntk4a_depth_2_cross_gram_diagonal_and_exact_mode(seqs):
+    """Depth 2 against the formulas; X2 given, diagonal only; exact mode equals GIA (the Simple
+    GIA Check holds: the readout is independent and no weight is used transposed)."""
+    p = transformer(2, sigma_u2=_SU, sigma_w2=_SW, sigma_v2=_SV)
+    k = symntk.derive(p).compile()
+    _check_formulas(k, seqs, 2)
+    params = {"su2": 2.0, "sw2": 1.0, "sv2": 1.0}
+    full = k(seqs, params=params)
+    cross = k(seqs[:2], seqs[2:], params=params)
+    np.testing.assert_allclose(cross.ntk, full.ntk[:2, 2:], rtol=1e-12)
+    np.testing.assert_allclose(k(seqs, diagonal=True, params=params).ntk, np.diag(full.ntk),
+                               rtol=1e-12)
+    assert symntk.gia_check(p).holds
+    exact = symntk.derive(p, mode="exact")
+    assert exact.steps == symntk.derive(p, mode="gia").steps
+    np.testing.assert_array_equal(exact.compile()(seqs, params=params).ntk, full.ntk)
 
 
 def test_ntk4a_vu_squared_differs_at_sigma_u2_2(seqs):
@@ -148,37 +172,6 @@ def test_ntk4a_vu_squared_differs_at_sigma_u2_2(seqs):
     _, good1 = ntk4a_reference(seqs, 2, 1.0)
     _, bug1 = ntk4a_reference(seqs, 2, 1.0, vu_power=2)
     np.testing.assert_allclose(bug1, good1, rtol=1e-14)
-
-
-def test_cross_gram_diagonal_and_exact_mode(seqs, ntk4a_kernel):
-    """X2 given, diagonal only, and exact mode (the Simple GIA Check holds: GIA is exact)."""
-    params = {"su2": 2.0, "sw2": 1.0, "sv2": 1.0}
-    k = ntk4a_kernel(2)
-    full = k(seqs, params=params)
-    cross = k(seqs[:2], seqs[2:], params=params)
-    np.testing.assert_allclose(cross.ntk, full.ntk[:2, 2:], rtol=1e-12)
-    np.testing.assert_allclose(k(seqs, diagonal=True, params=params).ntk, np.diag(full.ntk),
-                               rtol=1e-12)
-    p = transformer(2, sigma_u2=_SU, sigma_w2=_SW, sigma_v2=_SV)
-    assert symntk.gia_check(p).holds
-    exact = symntk.derive(p, mode="exact")
-    assert exact.steps == symntk.derive(p, mode="gia").steps
-    np.testing.assert_array_equal(exact.compile()(seqs, params=params).ntk, full.ntk)
-
-
-def test_attention_over_one_token_is_dense(ntk4a_kernel):
-    """T = 1: softmax attention over one token is the identity, so y = Attn(k) + k = 2k and
-    LN(2k) = LN(k): the Transformer is the same network without attention (A = 0 in the
-    reference)."""
-    X = np.random.default_rng(1).standard_normal((3, 1, 3))
-    params = {"su2": 2.0, "sw2": 1.5, "sv2": 0.7}
-    r = ntk4a_kernel(1)(X, params=params)
-    nngp, ntk = ntk4a_reference(X, 1, 2.0, 1.5, 0.7, attention=False)
-    np.testing.assert_allclose(r.nngp, nngp, rtol=1e-10)
-    np.testing.assert_allclose(r.ntk, ntk, rtol=1e-10)
-    X2 = np.random.default_rng(2).standard_normal((3, 2, 3))        # two tokens: it matters
-    _, ntk2 = ntk4a_reference(X2, 1, 2.0, 1.5, 0.7, attention=False)
-    assert not np.allclose(ntk4a_kernel(1)(X2, params=params).ntk, ntk2, rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------- finite width
@@ -236,6 +229,19 @@ def test_nt_global_self_attention_matches_hron(seqs, mechanism):
     nngp, ntk = hron_reference(seqs, mechanism, W_std, b_std, wq * wk, wv * wo, ab)
     np.testing.assert_allclose(r.nngp, nngp, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(r.ntk, ntk, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mechanism", ["softmax", "identity"])
+def test_nt_attention_finite_width_within_three_standard_errors(mechanism):
+    """The finite network built like NT's (keys W_K h, queries the keys scaled by W_Q / W_K,
+    logits q.k / n, values, W_O, biases) agrees with Hron et al.'s kernels at width 1024."""
+    X = np.random.default_rng(3).standard_normal((2, 3, 3))
+    p = nt_attention_network(mechanism, W_std=1.3, b_std=0.2, W_key_std=1.1, W_query_std=0.8,
+                             W_value_std=1.2, W_out_std=0.9, attention_b_std=0.3)
+    mc = symntk.monte_carlo(p, X, width=1024, n_samples=6, seed=0)
+    nngp, ntk = hron_reference(X, mechanism, 1.3, 0.2, 0.8 * 1.1, 1.2 * 0.9, 0.3)
+    assert np.all(np.abs(mc.ntk_mean - ntk) <= 3 * mc.ntk_sem)
+    assert np.all(np.abs(mc.nngp_mean - nngp) <= 3 * mc.nngp_sem)
 
 
 # ----------------------------------------------------------------------------- printing, errors
