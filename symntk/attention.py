@@ -74,7 +74,7 @@ class Attention(Vector):
     y_t = sum_s mech_s(scale q_t . k_s / n) v_s (+ v_t with ``skip``)."""
 
     def __new__(cls, values, keys, queries=None, mechanism: str = "softmax", scale=1,
-                skip: bool = False, name: str = ""):
+                skip: bool = False, name: str = "", heads: int = 1):
         for v, what in ((values, "values"), (keys, "keys")):
             _positioned_1d(v, f"Attention {what}")
         queries = keys if queries is None else queries
@@ -89,9 +89,11 @@ class Attention(Vector):
         if mech not in MECHANISMS:
             raise ProgramError(f"unknown attention mechanism {mechanism!r}; expected one of "
                                f"{MECHANISMS}")
+        if not isinstance(heads, (int, sp.Integer)) or int(heads) < 1:
+            raise ProgramError(f"Attention heads must be a positive int, got {heads!r}")
         return super().__new__(cls, values, keys, queries, Str(mech),
                                _expr(scale, "attention scale"), sp.Integer(1 if skip else 0),
-                               Str(_str(name)))
+                               Str(_str(name)), sp.Integer(int(heads)))
 
     values = property(lambda self: self.args[0])
     keys = property(lambda self: self.args[1])
@@ -100,6 +102,7 @@ class Attention(Vector):
     scale = property(lambda self: self.args[4])
     skip = property(lambda self: bool(self.args[5]))
     name = property(lambda self: self.args[6].name or None)
+    heads = property(lambda self: int(self.args[7]))
     dim = property(lambda self: self.args[0].dim)
     positions = property(lambda self: self.args[0].positions)
 
@@ -109,7 +112,7 @@ class Attention(Vector):
 
     def named(self, name):
         return Attention(self.values, self.keys, self.queries, self.mechanism, self.scale,
-                         self.skip, name)
+                         self.skip, name, self.heads)
 
     def label(self):
         return self.name or f"attn({self.values.label()})"
@@ -339,11 +342,27 @@ def _softmax(L):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _split(x, H):
+    """(N, T, n) -> (N, H, T, n / H): the channels of each head side by side."""
+    N, T, n = x.shape
+    if n % H:
+        raise ValueError(f"width {n} is not a multiple of {H} attention heads")
+    return x.reshape(N, T, H, n // H).transpose(0, 2, 1, 3)
+
+
+def _merge(x):
+    N, H, T, c = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(N, T, H * c)
+
+
 def _attention_parts(net, node: Attention, env):
-    V, K, Q = env[node.values], env[node.keys], env[node.queries]
+    """Per head h (channels h n/H .. (h+1) n/H - 1 of queries, keys and values):
+    A_h = mech(scale Q_h K_h^T / (n / H)).  In the limit every head has the same A."""
+    H = node.heads
+    V, K, Q = (_split(env[a], H) for a in (node.values, node.keys, node.queries))
     scale = _finite._number(node.scale, net._binding, f"scale of {node.label()}")
     m = K.shape[-1]
-    L = scale * np.einsum("ntc,nsc->nts", Q, K) / m
+    L = scale * (Q @ np.swapaxes(K, 2, 3)) / m
     A = _softmax(L) if node.mechanism == "softmax" else L
     return V, K, Q, scale, m, A
 
@@ -352,20 +371,21 @@ def _fwd_attention(net, node: Attention, env, n):
     if env[node.values].ndim != 3:
         raise NotImplementedError("the finite-width Attention runs over 1-D token positions")
     V, _, _, _, _, A = _attention_parts(net, node, env)
-    y = A @ V
-    return y + V if node.skip else y
+    y = _merge(A @ V)
+    return y + env[node.values] if node.skip else y
 
 
 def _bwd_attention(net, node: Attention, G, env, tape):
-    """y = A V (+ V), A = mech(scale Q K^T / m): dV = A^T G (+ G), dA = G V^T; softmax rows:
-    dL = A * (dA - sum_s dA A); dQ = scale dL K / m, dK = scale dL^T Q / m."""
+    """y = A V (+ V), A = mech(scale Q K^T / m) per head: dV = A^T G (+ G), dA = G V^T;
+    softmax rows: dL = A * (dA - sum_s dA A); dQ = scale dL K / m, dK = scale dL^T Q / m."""
     V, K, Q, scale, m, A = _attention_parts(net, node, env)
-    At = np.swapaxes(A, 1, 2)
-    tape.add(node.values, At @ G + G if node.skip else At @ G)
-    dA = G @ np.swapaxes(V, 1, 2)
+    Gh = _split(G, node.heads)
+    dV = _merge(np.swapaxes(A, 2, 3) @ Gh)
+    tape.add(node.values, dV + G if node.skip else dV)
+    dA = Gh @ np.swapaxes(V, 2, 3)
     dL = A * (dA - (dA * A).sum(axis=-1, keepdims=True)) if node.mechanism == "softmax" else dA
-    tape.add(node.queries, scale * (dL @ K) / m)
-    tape.add(node.keys, scale * (np.swapaxes(dL, 1, 2) @ Q) / m)
+    tape.add(node.queries, _merge(scale * (dL @ K) / m))
+    tape.add(node.keys, _merge(scale * (np.swapaxes(dL, 2, 3) @ Q) / m))
 
 
 def _ln_parts(net, node: LayerNorm, env):
@@ -438,7 +458,7 @@ def transformer(depth: int, activation="relu", sigma_u2=1, sigma_w2=1, sigma_v2=
 def nt_attention_network(mechanism: str = "softmax", activation="relu", W_std=1.0,
                          b_std=None, W_key_std=1.0, W_query_std=1.0, W_value_std=1.0,
                          W_out_std=1.0, attention_b_std=None, input_dim=None,
-                         width=WIDTH) -> Program:
+                         width=WIDTH, n_heads: int = 1) -> Program:
     r"""Neural Tangents' ``serial(Dense(n, W_std, b_std), GlobalSelfAttention(n, n, n, heads,
     linear_scaling=True, W_key_std, W_value_std, W_query_std, W_out_std, b_std=attention_b_std,
     attention_mechanism), activation, GlobalAvgPool(), Dense(1, W_std, b_std))`` over tokens, NTK
@@ -447,7 +467,9 @@ def nt_attention_network(mechanism: str = "softmax", activation="relu", W_std=1.
     The attention is values :math:`V = W_V h`, keys :math:`K = W_K h` (variance W_key_std^2),
     queries tied to the keys scaled by W_query_std / W_key_std, logits
     :math:`W_{query}W_{key}\,h_t\cdot h_s/n` in the limit, output :math:`W_O\,\mathrm{Attn} + b`.
-    In the limit the heads are identical, so one head of width n stands for all of them.
+    ``n_heads`` splits keys, queries and values into heads of n / n_heads channels each (NT's
+    ``n_chan_key = n_chan_val = n / n_heads``); the kernel does not depend on it (every head has
+    the same limit), the finite network does.
     """
     from .builders import D_IN
     var = lambda s, what: _variance(sp.sympify(s) ** 2, what)    # noqa: E731
@@ -462,7 +484,8 @@ def nt_attention_network(mechanism: str = "softmax", activation="relu", W_std=1.
     keys = Conv(WK, h, (1,), name="keys")
     vals = Conv(WV, h, (1,), name="values")
     att = Attention(vals, keys, mechanism=mechanism,
-                    scale=sp.sympify(W_query_std) / sp.sympify(W_key_std), name="attn")
+                    scale=sp.sympify(W_query_std) / sp.sympify(W_key_std), name="attn",
+                    heads=n_heads)
     o = Conv(WO, att, (1,), name="attn_out")
     if attention_b_std is not None:
         o = o + Bias("b_attn", dim=width, variance=var(attention_b_std, "attention_b_std"))

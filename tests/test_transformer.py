@@ -231,17 +231,36 @@ def test_nt_global_self_attention_matches_hron(seqs, mechanism):
     np.testing.assert_allclose(r.ntk, ntk, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mechanism", ["softmax", "identity"])
-def test_nt_attention_finite_width_within_three_standard_errors(mechanism):
+@pytest.mark.parametrize("mechanism,heads", [("softmax", 4), ("identity", 1)])
+def test_nt_attention_finite_width_within_three_standard_errors(mechanism, heads):
     """The finite network built like NT's (keys W_K h, queries the keys scaled by W_Q / W_K,
-    logits q.k / n, values, W_O, biases) agrees with Hron et al.'s kernels at width 1024."""
+    logits q.k / (n / heads) per head, values, W_O, biases) agrees with Hron et al.'s kernels
+    at width 1024 (the kernel does not depend on the number of heads)."""
     X = np.random.default_rng(3).standard_normal((2, 3, 3))
     p = nt_attention_network(mechanism, W_std=1.3, b_std=0.2, W_key_std=1.1, W_query_std=0.8,
-                             W_value_std=1.2, W_out_std=0.9, attention_b_std=0.3)
+                             W_value_std=1.2, W_out_std=0.9, attention_b_std=0.3,
+                             n_heads=heads)
     mc = symntk.monte_carlo(p, X, width=1024, n_samples=6, seed=0)
     nngp, ntk = hron_reference(X, mechanism, 1.3, 0.2, 0.8 * 1.1, 1.2 * 0.9, 0.3)
     assert np.all(np.abs(mc.ntk_mean - ntk) <= 3 * mc.ntk_sem)
     assert np.all(np.abs(mc.nngp_mean - nngp) <= 3 * mc.nngp_sem)
+
+
+def test_finite_gradients_through_attention_and_layernorm():
+    """The finite network's gradients (through softmax logits, heads and LayerNorm) equal
+    central finite differences."""
+    X = np.random.default_rng(3).standard_normal((2, 3, 3))
+    nets = [symntk.sample(transformer(2, sigma_u2=2), 32, seed=1, input_dim=3),
+            symntk.sample(nt_attention_network(n_heads=4, b_std=0.1), 32, seed=1, input_dim=3)]
+    for net, names in zip(nets, (["U1", "U2", "W1_1"], ["W0", "W_K", "W_V"])):
+        grads = net.gradients(X)
+        for name in names:
+            W = net.parameters[name].copy()
+            E = np.zeros_like(W)
+            E[3, 1] = 1e-6
+            fd = (net.with_parameters({name: W + E})(X) -
+                  net.with_parameters({name: W - E})(X)) / 2e-6
+            np.testing.assert_allclose(grads[name][:, 3, 1], fd, rtol=1e-5, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- printing, errors
