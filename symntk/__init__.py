@@ -33,6 +33,7 @@ from .finite import FiniteNetwork, empirical_ntk, monte_carlo, sample
 from .convergence import convergence, plot_convergence
 from .predict import Prediction, Predictor, gp_posterior, gradient_descent_mse
 from . import examples
+from .attention import Attention, LayerNorm, nt_attention_network, transformer
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "gia_check", "expectation", "Comparison", "compare", "examples", "FiniteNetwork", "empirical_ntk",
     "monte_carlo", "sample", "convergence", "plot_convergence",
     "Prediction", "Predictor", "gradient_descent_mse", "gp_posterior",
+    "Attention", "LayerNorm", "transformer", "nt_attention_network",
 ]
 
 

@@ -64,7 +64,7 @@ from .program import (Aggregate, AvgPool, Bias, Conv, Input, Node, Nonlin, Outpu
                       Readout, Vector, Weight)
 
 __all__ = ["ConvStep", "ConvDerivation", "derive_conv", "is_convolutional", "PIXEL_RULES",
-           "Q1", "Q2", "S12", "Q"]
+           "STEP_EQUATIONS", "Q1", "Q2", "S12", "Q"]
 
 #: Variables of the closed forms: per-image variances and the cross covariance of one pixel pair.
 Q1, Q2, S12, Q = (sp.Symbol(n, real=True) for n in ("q_1", "q_2", "s", "q"))
@@ -236,7 +236,7 @@ def _rule_nonlin(b: _Builder, node: Nonlin, rank: int):
         raise NotImplementedError(f"Nonlin {node.label()!r} reads a Moment: not derived over "
                                   "pixel positions")
     reads = [b.read(a) for a in args]
-    if not all(b.steps[r].gaussian for r in reads):
+    if not all(b.steps[r].gaussian for r in reads) and not _independent_sum(b, node, reads):
         raise NotImplementedError(
             f"Nonlin {node.label()!r} reads a non-Gaussian vector: only phi(h) and linear "
             "combinations of Gaussians (Conv outputs, biases) are derived over pixel positions")
@@ -249,7 +249,8 @@ def _rule_nonlin(b: _Builder, node: Nonlin, rank: int):
             raise NotImplementedError(f"Nonlin {node.label()!r} adds two vectors of one weight")
         if not any(b.steps[r].kind != "bias" for r in reads):
             raise NotImplementedError(f"Nonlin {node.label()!r} is a sum of biases only")
-        b.add(node, ConvStep("affine", node, reads=tuple(reads), coeffs=coeffs, gaussian=True,
+        b.add(node, ConvStep("affine", node, reads=tuple(reads), coeffs=coeffs,
+                             gaussian=all(b.steps[r].gaussian for r in reads),
                              label=_label(node)))
         return
     if len(args) != 1 or b.steps[reads[0]].kind == "bias":
@@ -279,6 +280,28 @@ def _rule_aggregate(b: _Builder, node: Aggregate, rank: int):
     b.add(node, ConvStep("mix", node, reads=(src,), how=node.how, self_loops=node.self_loops,
                          gaussian=b.steps[src].gaussian, has_theta=b.steps[src].has_theta,
                          label=_label(node)))
+
+def _independent_sum(b: _Builder, node: Nonlin, reads) -> bool:
+    r"""A residual sum :math:`\sum_i c_i x_i` with one non-Gaussian summand z and the others
+    fresh Gaussians :math:`W y` (Conv outputs, biases) whose weights z does not depend on: the
+    cross covariances vanish (Z^{Wy} is independent of every vector not built from W, TP1
+    Thm 5.4), so C and Theta add with weights :math:`c_i^2` like the affine rule's."""
+    expr, vars_ = node.phi.expr, node.phi.variables
+    if not expr.is_polynomial(*vars_) or sp.Poly(expr, *vars_).total_degree() > 1:
+        return False
+    odd = [r for r in reads if not b.steps[r].gaussian]
+    if len(odd) != 1 or b.steps[odd[0]].kind == "input":
+        return False
+    z = b.steps[odd[0]].node
+    for r in reads:
+        s = b.steps[r]
+        if r == odd[0]:
+            continue
+        if s.kind not in ("conv", "bias"):
+            return False
+        if z.has(s.node.weight if s.kind == "conv" else s.node):
+            return False
+    return True
 
 
 def _closed_forms(phi, dphi, x, node):
@@ -326,6 +349,13 @@ PIXEL_RULES = {
     Pool: _rule_pool,
     Aggregate: _rule_aggregate,
 }
+
+
+#: Step kinds that mix positions (every pair (p, q) reads other pairs): they need all P^2 pairs.
+MIXING_KINDS: set = {"mix"}
+
+#: Equations of step kinds added by other modules: kind -> fn(steps, i, step) -> [(lhs, rhs, note)].
+STEP_EQUATIONS: dict = {}
 
 
 def _label(node) -> str:
@@ -376,7 +406,7 @@ def derive_conv(program: Program, mode: str = "gia") -> ConvDerivation:
     if not b.steps[pooled].has_theta:
         raise NotImplementedError("the readout reads the input directly: no hidden layer")
     spatial = "diagonal" if (b.steps[pooled].how == "flatten" and not any(
-        s.kind in ("avgpool", "mix") for s in b.steps)) else "full"
+        s.kind == "avgpool" or s.kind in MIXING_KINDS for s in b.steps)) else "full"
     v = out.weight
     a_v = weight_factor(v.parametrization, v.variance, v.fan_in)
     Cp, Tp = ConvDerivation.C_POOL, ConvDerivation.THETA_POOL
@@ -475,6 +505,8 @@ def _equations(steps, rank, pooled, nngp, ntk) -> list:
                 eqs.append((lhs, FilterSum(FilterSum(srcf[_tap(p, k, s), _tap(q, k2, s)], k2, win),
                                            k, win) / F ** 2, "" if fam == "T" else
                             f"{s.padding} padding"))
+        elif s.kind in STEP_EQUATIONS:
+            eqs.extend(STEP_EQUATIONS[s.kind](steps, i, s))
         elif s.kind == "pool":
             src = steps[s.reads[0]]
             Pn = sp.Symbol("P")

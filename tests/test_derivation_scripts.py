@@ -17,7 +17,9 @@ def test_derivation_script_runs_and_agrees(script, tmp_path):
     """Exit code 0 means every check the script makes passed (golden values, or the finite-width
     simulation agreeing with the exact derivation)."""
     r = subprocess.run([sys.executable, str(ROOT / "derivations" / script)]
-                       + (["--out", str(tmp_path)] if script == "mlp.py" else []),
+                       + (["--out", str(tmp_path)] if script == "mlp.py" else [])
+                       + (["--quick", "--out", str(tmp_path)] if script == "transformer.py"
+                          else []),
                        capture_output=True, text=True, timeout=600, cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

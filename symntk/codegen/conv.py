@@ -28,9 +28,16 @@ import sympy as sp
 
 from ..convolution import Q, Q1, Q2, S12, ConvDerivation
 
-__all__ = ["compile_conv", "ConvKernel"]
+__all__ = ["compile_conv", "ConvKernel", "STEP_EMITTERS"]
 
 CODEGEN_VERSION = "c2"
+
+#: Step kinds emitted by other modules: kind -> an object with ``emit(out, i, step, steps, full,
+#: printer)`` (writes the step's lines of ``body``; ``same`` is True on an image's pass with
+#: itself, when the step fills its per-image table ``ha{i}``, read back as ``hb{i}`` for the
+#: second image), ``scratch`` (extra per-thread arrays ``<name>{i}``, shaped like C) and
+#: ``width`` (table columns; None: one per position).
+STEP_EMITTERS: dict = {}
 
 _WINDOWS = '''
 
@@ -214,14 +221,17 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     out.lines.extend(_WINDOWS.splitlines())
 
     arrays = [i for i, s in enumerate(steps) if s.kind in ("input", "conv", "affine", "phi",
-                                                           "avgpool", "mix")]
+                                                           "avgpool", "mix") or s.kind in STEP_EMITTERS]
     mixes = [i for i, s in enumerate(steps) if s.kind == "mix"]
     if mixes and not full:
         raise NotImplementedError("a fixed map over positions needs all position pairs")
-    phis = [i for i, s in enumerate(steps) if s.kind == "phi"]
+    # steps with per-image tables (written by the image's pass with itself)
+    phis = [i for i, s in enumerate(steps) if s.kind == "phi" or s.kind in STEP_EMITTERS]
     hoisted = {}
     for i in phis:
         s = steps[i]
+        if s.kind in STEP_EMITTERS:
+            continue
         (C, dC), funcs = _hoist([s.C, s.dC])
         hoisted[i] = (C, dC, funcs)
     # scratch: per array step C_i (and T_i), plus the window passes' intermediates
@@ -239,13 +249,15 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
             scratch += [f"A{i}", f"B{i}", f"D{i}"]
         if s.kind == "mix":
             scratch.append(f"M{i}")
+        if s.kind in STEP_EMITTERS:
+            scratch += [f"{name}{i}" for name in STEP_EMITTERS[s.kind].scratch]
     tables_a = [f"ha{i}" for i in phis]
     tables_b = [f"hb{i}" for i in phis]
 
     def shape_of(name: str, i: int) -> str:
         s = steps[i]
         H, W = f"dims[{i}, 0]", f"dims[{i}, 1]"
-        if name.startswith(("C", "T", "M")):
+        if name.startswith(("C", "T", "M")) or s.kind in STEP_EMITTERS:
             return f"({H}, {W}, {H}, {W})" if full else f"({H}, {W})"
         src = s.reads[0]
         Hs, Ws = f"dims[{src}, 0]", f"dims[{src}, 1]"
@@ -465,6 +477,8 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
             elif s.how == "flatten":        # no masks with flatten (the driver refuses them)
                 out(1, "cpool /= Pp")
                 out(1, "tpool /= Pp")
+        elif s.kind in STEP_EMITTERS:
+            STEP_EMITTERS[s.kind].emit(out, i, s, steps, full, _printer(theta_names))
         elif s.kind == "pool":
             src = s.reads[0]
             out(1, f"Hp, Wp = dims[{src}, 0], dims[{src}, 1]")
@@ -535,7 +549,9 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     out(3, "out[0, a, b] = res[0]")
     out(3, "out[1, a, b] = res[1]")
     out(1, "return 0")
-    meta = {"phis": phis, "widths": {i: len(hoisted[i][2]) for i in phis}, "mixes": mixes}
+    meta = {"phis": phis, "widths": {i: (len(hoisted[i][2]) if i in hoisted else
+                                          STEP_EMITTERS[steps[i].kind].width) for i in phis},
+            "mixes": mixes}
     return "\n".join(out.lines) + "\n", meta
 
 
@@ -563,7 +579,7 @@ def _dims(d: ConvDerivation, H: int, W: int) -> np.ndarray:
             dims[i, 1], dims[i, 3] = _out_size(int(w), s.window[1], s.strides[1], s.padding, what)
         elif s.kind == "mix":
             dims[i, :2] = dims[s.reads[0], :2]
-        elif s.kind in ("affine", "phi"):
+        elif s.kind in ("affine", "phi") or s.kind in STEP_EMITTERS:
             shapes = {tuple(dims[r, :2]) for r in s.reads if d.steps[r].kind != "bias"}
             if len(shapes) > 1:
                 raise ValueError(f"{s.node.label()!r} combines vectors of different spatial "
@@ -618,8 +634,9 @@ class ConvKernel:
         return np.array([float(bound[p]) for p in self.params], dtype=np.float64)
 
     def _tables(self, N: int, dims) -> list:
-        return [np.zeros((N, dims[i, 0], dims[i, 1], self.meta["widths"][i]))
-                for i in self.meta["phis"]]
+        # a width of None: one column per position (a per-image P x P matrix)
+        return [np.zeros((N, dims[i, 0], dims[i, 1], self.meta["widths"][i] or
+                          int(dims[i, 0] * dims[i, 1]))) for i in self.meta["phis"]]
 
     @property
     def takes_graphs(self) -> bool:
