@@ -286,20 +286,35 @@ def _evaluate(d: BatchNormDerivation, X1, X2, params) -> KernelResult:
 
 # ------------------------------------------------------------------ Monte Carlo guard
 def check_monte_carlo(program: Program, X1, X2=None) -> None:
-    """Warn when a Monte Carlo estimate of a BatchNorm network's NTK is asked for a batch of
-    B <= 5: the Jacobian of the normalisation carries 1/sigma factors and E 1/sigma^4 is
-    infinite unless B - 1 > 4, so the empirical NTK has infinite variance and its mean over seeds
-    does not settle at the width^-1/2 rate (standard errors are meaningless)."""
-    if not is_batch_coupled(program):
+    """Warn when a Monte Carlo estimate of a BatchNorm network's NTK is asked where it does not
+    concentrate: the Jacobian of the normalisation carries 1/sigma factors, and with epsilon = 0
+    E 1/sigma^4 is infinite unless the centred batch spans more than 4 dimensions (B >= 6, and
+    an input dimension >= 5 for the first layer), so the empirical NTK has infinite variance and
+    its mean over seeds does not settle at the width^-1/2 rate (standard errors are
+    meaningless).  epsilon > 0 bounds 1/sigma by 1/sqrt(epsilon)."""
+    nodes = [n for n in program.nodes if isinstance(n, BatchNorm)]
+    if not nodes:
         return
-    sizes = [np.shape(X)[0] for X in (X1, X2) if X is not None]
-    small = [b for b in sizes if b < MIN_CONCENTRATING_BATCH]
-    if small:
-        warnings.warn(
-            f"BatchNorm network with a batch of size {min(small)} <= 5: the empirical NTK has "
-            "1/sigma^2 factors whose fourth moment is infinite, so it does not concentrate "
-            "(infinite variance over seeds; standard errors and width^-1/2 rates are not "
-            "reliable); use batches of at least 6", BatchSizeWarning, stacklevel=3)
+    if all(n.epsilon.is_number and n.epsilon > 0 for n in nodes):
+        return
+    for name, X in (("X1", X1), ("X2", X2)):
+        if X is None:
+            continue
+        X = np.asarray(X, dtype=np.float64)
+        B = X.shape[0]
+        centred = X - X.mean(axis=0, keepdims=True)
+        sv = np.linalg.svd(centred, compute_uv=False)
+        rank = int((sv > 1e-10 * max(sv.max(), 1e-300)).sum()) if sv.size else 0
+        if B < MIN_CONCENTRATING_BATCH or rank < MIN_CONCENTRATING_BATCH - 1:
+            why = (f"a batch of size {B} <= 5" if B < MIN_CONCENTRATING_BATCH else
+                   f"a batch whose centred inputs span only {rank} <= 4 dimensions")
+            warnings.warn(
+                f"BatchNorm network (epsilon = 0) with {why} ({name}): the empirical NTK has "
+                "1/sigma^2 factors whose fourth moment is infinite, so it does not concentrate "
+                "(infinite variance over seeds; standard errors and the width^-1/2 rate are not "
+                "reliable); use batches of at least 6 spanning >= 5 input dimensions, or "
+                "epsilon > 0", BatchSizeWarning, stacklevel=3)
+            return
 
 
 # ------------------------------------------------------------------ LaTeX

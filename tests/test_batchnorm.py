@@ -1,0 +1,229 @@
+"""BatchNorm-ReLU networks: batch-coupled NNGP and NTK (TP2 App. E.4) against closed forms, an
+independent integration and finite-width networks."""
+import math
+
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+import symntk
+from symntk import batchnorm_quadrature as bq
+from symntk.batchnorm import BatchSizeWarning
+from symntk.program import ProgramError
+
+
+def _vrelu(K):
+    """E relu(u) relu(v) for N(0, K) (Cho & Saul), written independently of the package."""
+    d = np.sqrt(np.diag(K))
+    out = np.empty_like(K)
+    for i in range(len(K)):
+        for j in range(len(K)):
+            c = np.clip(K[i, j] / (d[i] * d[j]), -1, 1)
+            out[i, j] = d[i] * d[j] * (math.sqrt(1 - c * c) + (math.pi - math.acos(c)) * c) / (2 * math.pi)
+    return out
+
+
+def _eq36_scipy(Sigma):
+    """TP2 Eq. 36 entry by entry with QUADPACK on (0, inf) (an independent integration)."""
+    B = len(Sigma)
+    G = np.eye(B) - 1 / B
+    C = G @ Sigma @ G
+    I = np.eye(B)
+
+    def f(u, i, j):
+        M = I + 2 * u * C
+        return B * _vrelu(np.linalg.solve(M, C))[i, j] / math.sqrt(np.linalg.det(M))
+
+    return np.array([[integrate.quad(f, 0, np.inf, args=(i, j), epsabs=1e-12, epsrel=1e-12,
+                                     limit=200)[0] for j in range(B)] for i in range(B)])
+
+
+def test_g7_batch_of_two_gives_half_identity():
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        A = rng.standard_normal((2, 3))
+        r = bq.forward_single(A @ A.T)
+        np.testing.assert_allclose(r.value, np.eye(2) / 2, atol=1e-12)
+    p = symntk.batchnorm_mlp(1, input_dim=3, weight_std=1.5)
+    k = symntk.kernel(p, rng.standard_normal((2, 3)))
+    np.testing.assert_allclose(k.nngp, 2.25 * np.eye(2) / 2, atol=1e-12)
+
+
+@pytest.mark.parametrize("a, b", [(1.0, 0.0), (2.0, 0.7), (0.3, -0.1)])
+def test_g8_exchangeable_batch_of_three(a, b):
+    r = bq.forward_single(a * np.eye(3) + b * np.ones((3, 3)))
+    off = math.sqrt(3) / (4 * math.pi) - 1 / 12
+    np.testing.assert_allclose(r.value, np.full((3, 3), off) + (0.5 - off) * np.eye(3), atol=1e-10)
+
+
+def test_g8_nonsymmetric_against_independent_integration():
+    S = np.array([[1, .5, .2], [.5, 1, .1], [.2, .1, 1.5]])
+    r = bq.forward_single(S)
+    np.testing.assert_allclose(r.value, _eq36_scipy(S), atol=1e-9)
+    theory = np.array([[0.42665, 0.081592, 0.04351], [0.081592, 0.45599, 0.039646],
+                       [0.04351, 0.039646, 0.61736]])
+    np.testing.assert_allclose(r.value, theory, atol=6e-6)
+    assert r.error < 1e-8
+
+
+@pytest.mark.parametrize("d, depth, B", [(3, 1, 5), (16, 2, 6)])
+def test_cross_batch_of_the_same_batch_is_the_same_batch_kernel(d, depth, B):
+    """Two copies of one batch: the joint centred Gram is singular (rank <= min(d, B - 1)); the
+    cross-batch integrals (Eqs. 37, 39) must reproduce the single-batch ones (36, 38)."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((B, d))
+    p = symntk.batchnorm_mlp(depth, input_dim=d, bias_std=0.3)
+    same, cross = symntk.kernel(p, X), symntk.kernel(p, X, X.copy())
+    np.testing.assert_allclose(cross.nngp, same.nngp, atol=1e-8)
+    np.testing.assert_allclose(cross.ntk, same.ntk, atol=1e-7 * np.abs(same.ntk).max())
+
+
+def test_cross_batch_quadrature_with_rank_deficient_joint_gram():
+    """d = 3 < B1 + B2 - 1: the quadrature converges (no inversion of the centred Gram), and
+    swapping the batches (a different factorisation of the joint Gram) transposes the result."""
+    rng = np.random.default_rng(2)
+    X1, X2 = rng.standard_normal((7, 3)), rng.standard_normal((5, 3))
+    C = np.vstack([X1, X2]) @ np.vstack([X1, X2]).T / 3
+    a = bq.forward_cross(C[:7, 7:], C[:7, :7], C[7:, 7:])
+    b = bq.forward_cross(C[7:, :7], C[7:, 7:], C[:7, :7])
+    assert np.all(np.isfinite(a.value)) and a.error < 1e-8
+    np.testing.assert_allclose(a.value, b.value.T, atol=1e-9)
+    T = rng.standard_normal((7, 5))
+    np.testing.assert_allclose(bq.ntk_cross(C[:7, 7:], C[:7, :7], C[7:, 7:], T).value,
+                               bq.ntk_cross(C[7:, :7], C[7:, 7:], C[:7, :7], T.T).value.T,
+                               atol=1e-8)
+
+
+def _agree(samples, theory, label):
+    """The Monte Carlo mean over seeds within 3 standard errors of the theory, in two aggregate
+    statistics (robust with few seeds, unlike the largest of many entrywise t-values):
+    ||mean - theory||_F <= 3 sqrt(sum SE^2) (its expected square is sum SE^2), and the
+    projection <mean - theory, theory> within 3 of its own standard errors, "3" read at the
+    same 99.73% confidence for a Student t with n - 1 degrees of freedom (few seeds)."""
+    samples = np.asarray(samples)
+    n = len(samples)
+    mean, sem = samples.mean(0), samples.std(0, ddof=1) / math.sqrt(n)
+    ratio = np.linalg.norm(mean - theory) / math.sqrt(np.sum(sem ** 2))
+    assert ratio < 3, (label, ratio)
+    proj = np.einsum("sij,ij->s", samples - theory, theory)
+    zp = proj.mean() / (proj.std(ddof=1) / math.sqrt(n))
+    assert abs(zp) < stats.t.ppf(0.99865, n - 1), (label, zp)
+
+
+@pytest.mark.parametrize("depth, B1, B2, d, eps", [
+    (1, 6, 8, 16, 0), (2, 8, 6, 16, 0), (1, 8, 6, 3, 0.5), (2, 6, 8, 3, 0.5)])
+def test_finite_width_agreement(depth, B1, B2, d, eps):
+    """One batch (B1 x B1) and two batches (B1 x B2) from the same networks at width 4096.
+    Input dimension 3 spans only 3 dimensions of the centred batch: with epsilon = 0 the
+    empirical NTK would have infinite variance there (check_monte_carlo warns), so d = 3 runs
+    with epsilon = 0.5."""
+    rng = np.random.default_rng(10 * depth + B1)
+    X1, X2 = rng.standard_normal((B1, d)), rng.standard_normal((B2, d))
+    p = symntk.batchnorm_mlp(depth, input_dim=d, epsilon=eps, bias_std=0.5)
+    same, cross = symntk.kernel(p, X1), symntk.kernel(p, X1, X2)
+    out = {k: [] for k in ("ntk1", "ntkx", "nngp1", "nngpx")}
+    for seed in range(20 if depth == 1 else 6):
+        net = symntk.sample(p, 4096, seed=seed)
+        e1, ex = net.ntk(X1), net.ntk(X1, X2)
+        out["ntk1"].append(e1.ntk)
+        out["ntkx"].append(ex.ntk)
+        # the NNGP through the readout's own term, x^L . x^L' / n (+ the output bias): an average
+        # over neurons, which concentrates, unlike f(x) f(x') over a few seeds
+        out["nngp1"].append(e1.contributions["v"] + e1.contributions["b_out"])
+        out["nngpx"].append(ex.contributions["v"] + ex.contributions["b_out"])
+    _agree(out["ntk1"], same.ntk, "NTK, one batch")
+    _agree(out["ntkx"], cross.ntk, "NTK, two batches")
+    _agree(out["nngp1"], same.nngp, "NNGP, one batch")
+    _agree(out["nngpx"], cross.nngp, "NNGP, two batches")
+
+
+def test_deviation_shrinks_like_inverse_sqrt_width():
+    rng = np.random.default_rng(5)
+    X1, X2 = rng.standard_normal((6, 8)), rng.standard_normal((8, 8))
+    p = symntk.batchnorm_mlp(1, input_dim=8)
+    theory = symntk.kernel(p, X1, X2).ntk
+    devs = []
+    for width in (128, 2048):
+        mc = symntk.monte_carlo(p, X1, X2, width=width, n_samples=12, seed=0)
+        devs.append(np.mean([np.linalg.norm(s - theory) for s in mc.ntk_samples])
+                    / np.linalg.norm(theory))
+    ratio = devs[0] / devs[1]   # width x16: expected 4
+    assert 2.5 < ratio < 6.5, devs
+
+
+def test_bad_batches_are_refused():
+    p = symntk.batchnorm_mlp(1, input_dim=3)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="batch of 1"):
+        symntk.kernel(p, rng.standard_normal((1, 3)))
+    with pytest.raises(ValueError, match="batch of 1"):
+        symntk.kernel(p, rng.standard_normal((4, 3)), rng.standard_normal((1, 3)))
+    same = np.tile(rng.standard_normal(3), (5, 1))
+    with pytest.raises(ValueError, match="zero variance"):
+        symntk.kernel(p, same)
+    with pytest.raises(ValueError, match="zero variance"):
+        symntk.kernel(p, rng.standard_normal((4, 3)), same)
+    net = symntk.sample(p, 16, seed=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        net(rng.standard_normal((1, 3)))
+    with pytest.raises(ValueError, match="zero variance"):
+        net(same)
+    with pytest.raises(ValueError, match="infinite"):
+        symntk.kernel(p, rng.standard_normal((3, 3)))
+    with pytest.raises(ProgramError, match="epsilon"):
+        symntk.batchnorm_mlp(1, epsilon=-1)
+    with pytest.raises(NotImplementedError, match="only relu"):
+        symntk.kernel(symntk.batchnorm_mlp(1, activation="tanh", input_dim=3),
+                      rng.standard_normal((6, 3)))
+
+
+def test_epsilon_removes_the_singularities():
+    """With epsilon > 0 a batch of 3 has a finite NTK and a constant batch a zero kernel."""
+    p = symntk.batchnorm_mlp(1, input_dim=3, epsilon=0.1)
+    rng = np.random.default_rng(0)
+    k = symntk.kernel(p, rng.standard_normal((3, 3)))
+    assert np.all(np.isfinite(k.ntk))
+    np.testing.assert_allclose(symntk.kernel(p, np.ones((4, 3))).nngp, 0, atol=1e-12)
+
+
+def test_batch_of_two_has_no_hidden_ntk():
+    """B = 2, epsilon = 0: relu(BN(h)) is piecewise constant, so only the readout trains."""
+    p = symntk.batchnorm_mlp(2, input_dim=3)
+    X = np.random.default_rng(0).standard_normal((2, 3))
+    k = symntk.kernel(p, X)
+    np.testing.assert_allclose(k.ntk, k.nngp, atol=1e-12)
+    e = symntk.empirical_ntk(p, X, width=64, seed=0)
+    np.testing.assert_allclose(e.contributions["W1"], 0, atol=1e-12)
+
+
+def test_monte_carlo_warns_for_small_batches():
+    p = symntk.batchnorm_mlp(1, input_dim=6)
+    rng = np.random.default_rng(0)
+    with pytest.warns(BatchSizeWarning, match="size 5"):
+        symntk.monte_carlo(p, rng.standard_normal((5, 6)), width=8, n_samples=2)
+    with pytest.warns(BatchSizeWarning, match="span only 3"):
+        symntk.monte_carlo(symntk.batchnorm_mlp(1, input_dim=3), rng.standard_normal((8, 3)),
+                           width=8, n_samples=2)
+
+
+def test_finite_gradients_match_finite_differences():
+    p = symntk.batchnorm_mlp(2, input_dim=4, epsilon=0.01)
+    X = np.random.default_rng(3).standard_normal((5, 4))
+    net = symntk.sample(p, 12, seed=2)
+    g = net.gradients(X)
+    for label, (i, j) in (("W1", (3, 1)), ("W2", (4, 7))):
+        W = net.parameters[label].copy()
+        Wp, Wm = W.copy(), W.copy()
+        Wp[i, j] += 1e-6
+        Wm[i, j] -= 1e-6
+        fd = (net.with_parameters({label: Wp})(X) - net.with_parameters({label: Wm})(X)) / 2e-6
+        np.testing.assert_allclose(g[label][:, i, j], fd, atol=1e-7)
+    e1, e2 = net.ntk(X, X[:4] + 1), net.ntk(X, X[:4] + 1, method="jacobian")
+    np.testing.assert_allclose(e1.ntk, e2.ntk, atol=1e-12)
+
+
+def test_latex_of_the_recursion():
+    d = symntk.derive(symntk.batchnorm_mlp(2, input_dim=3, bias_std=0.5))
+    tex = d.latex()
+    for piece in (r"\Sigma^{x^{1}}", r"\Theta^{h^{2}}", r"V_{\mathrm{relu}}", r"\det(I+2D"):
+        assert piece in tex
