@@ -445,8 +445,9 @@ def _bwd_matmul(net, node: MatMul, G, env, tape):
         tape.add(node.vector, G @ W.T)
         tape.use(node.weight, z, G)
     else:
-        # y = W z: dz += W^T g, and dF/dW = g z^T
-        tape.add(node.vector, G @ W)
+        # y = W z: dz += W^T g, and dF/dW = g z^T (one GEMM over all leading axes: W is
+        # streamed once)
+        tape.add(node.vector, (G.reshape(-1, G.shape[-1]) @ W).reshape(G.shape[:-1] + (-1,)))
         tape.use(node.weight, G, z)
 
 
@@ -565,8 +566,8 @@ def _bwd_batchnorm(net, node: BatchNorm, G, env, tape):
     # TP2 Eq. 28: dh = G (I - x~ x~^T / B) (phi'(x~) * dx) / sigma, per neuron over the batch
     _, (df,) = net._compiled(node.phi)
     xt, sigma = _batch_statistics(net, node, env[node.vector])
-    g = G * _as_vector(df(xt), xt.shape)
-    dh = (g - g.mean(axis=0) - xt * (xt * g).mean(axis=0)) / sigma
+    g = G * _as_vector(df(xt), xt.shape)   # G: (B, n), or (outputs, B, n) in a batched sweep
+    dh = (g - g.mean(axis=-2, keepdims=True) - xt * (xt * g).mean(axis=-2, keepdims=True)) / sigma
     tape.add(node.vector, dh)
 
 
@@ -894,6 +895,10 @@ class FiniteNetwork:
         has the member axis as a position axis, (N_out, N_batch, k), and the NTK contraction
         sums over member pairs (:func:`_positioned_gram`)."""
         out = self.program.output
+        if type(out) is Readout and all(
+                isinstance(node, (Input, Embedding, BatchNorm, Weight, OutputBias, Readout))
+                or (isinstance(node, MatMul) and not node.transposed) for node in self.program.nodes):
+            return self._backward_batched_outputs(f, env, n)
         sweeps = []
         for i in range(n):
             seed = np.zeros((n, 1))
@@ -916,6 +921,28 @@ class FiniteNetwork:
         biases = {p: np.stack([np.zeros(self._params[p].size) if t.biases[p] is None
                                else np.asarray(t.biases[p]).reshape(n, -1).sum(axis=0)
                                for t in sweeps]) for p in sweeps[0].biases}
+        return _Pass(f, uses, biases, n)
+
+    def _backward_batched_outputs(self, f, env, n) -> _Pass:
+        """The sweeps of :meth:`_backward_batch_coupled` all at once, cotangents (N_out, N_batch,
+        dim), for chains of matrices and BatchNorms (each weight is streamed once, not once
+        per output)."""
+        out = self.program.output
+        tape = _Tape(self._params)
+        seed = np.eye(n)[:, :, None]                           # output i seeds member i
+        h = env[out.vector]
+        tape.add(out.vector, seed * self._params[out.weight][0])
+        tape.use(out.weight, seed, np.broadcast_to(h, (n,) + h.shape))
+        if out.bias is not None:
+            tape.bias(out.bias, np.ones((n, 1)))
+        for node in reversed(self.program.nodes):
+            G = tape.cot.get(node)
+            if G is not None:
+                _BACKWARD[type(node)](self, node, G, env, tape)
+        uses = {p: [(a, b if b.ndim == 3 else np.broadcast_to(b, (n,) + b.shape))
+                    for a, b in us] for p, us in tape.uses.items()}
+        biases = {p: (np.zeros((n, self._params[p].size)) if g is None else
+                      np.asarray(g).reshape(n, -1)) for p, g in tape.biases.items()}
         return _Pass(f, uses, biases, n)
 
     def gradients(self, X) -> dict[str, np.ndarray]:
