@@ -167,7 +167,10 @@ def _single_setup(Sigma: np.ndarray):
     G = _centering(B)
     C = G @ Sigma @ G
     lam, U = np.linalg.eigh((C + C.T) / 2)
-    return B, G, np.clip(lam, 0.0, None), U
+    # rounding-level eigenvalues (the null direction 1 of G, and any other of a rank-deficient
+    # batch) are exact zeros: kept at 1e-17 they would act as a further dimension for s > 1e16
+    lam = np.where(lam > RANK_TOL * max(lam.max(), 0.0), lam, 0.0)
+    return B, G, lam, U
 
 
 def forward_single(Sigma, epsilon: float = 0.0, tol: float = TOL) -> BNKernels:

@@ -66,6 +66,32 @@ def test_g8_nonsymmetric_against_independent_integration():
     assert r.error < 1e-8
 
 
+def test_same_batch_ntk_map_against_a_fine_log_scale_trapezoid():
+    """The 1-D NTK integral (adjoint of TP2 Eq. 38) by the exp-sinh rule against a plain
+    trapezoid in log u with step 0.02 over u in [e^-70, e^130], for a batch whose centred Gram
+    has a small eigenvalue (2e-3 of the largest) besides the exact zero of the centring."""
+    X = np.random.default_rng(1).standard_normal((4, 3))
+    C0 = X @ X.T / 3
+    B = 4
+    G = np.eye(B) - 1 / B
+    C = G @ C0 @ G
+    A = G @ C0 @ G
+    lam, U = np.linalg.eigh(C)
+    lam = np.where(lam > 1e-12 * lam.max(), lam, 0.0)
+    u = np.exp(np.arange(-70, 130, 0.02))
+    den = 1 + 2 * u[:, None] * lam[None]
+    K = np.einsum("ik,nk,jk->nij", U, lam[None] / den, U)
+    V, S, R = bq.relu_moments(K)
+    P, P2, Q = bq._backward_moments(K, A[None], V, S, R)
+    u3 = u[:, None, None]
+    f = A[None] * S - u3 * (P + P2) + 0.5 * u3 ** 2 * Q
+    ref = np.einsum("n,nij->ij", 0.02 * u * B / np.sqrt(den.prod(axis=1)), f)
+    r = bq.ntk_single(C0, C0)
+    np.testing.assert_allclose(r.value, ref, atol=1e-9)
+    # the cross-batch map of two copies of the batch (a singular joint Gram) agrees to ~1e-8
+    np.testing.assert_allclose(bq.ntk_cross(C0, C0, C0, C0).value, ref, atol=5e-8)
+
+
 @pytest.mark.parametrize("d, depth, B", [(3, 1, 5), (16, 2, 6)])
 def test_cross_batch_of_the_same_batch_is_the_same_batch_kernel(d, depth, B):
     """Two copies of one batch: the joint centred Gram is singular (rank <= min(d, B - 1)); the
