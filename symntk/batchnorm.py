@@ -329,14 +329,23 @@ def _latex(d: BatchNormDerivation, environment: str) -> str:
                                                                         lx(d.input.dim)))
     for k, layer in enumerate(d.layers, start=1):
         eps = lx(layer.epsilon)
+        e1 = r"e^{-uB%s}" % ("(" + eps + ")") if layer.epsilon != 0 else ""
         lines.append(
-            r"\Sigma^{x^{%d}} &= \sqrt{B\bar B}\,\pi^{-1}\!\int_0^\infty\!\!\int_0^\infty"
+            r"\Sigma^{x^{%d}}_{\text{same batch}} &= B\int_0^\infty\frac{%s V_{\mathrm{relu}}(K)}"
+            r"{\sqrt{\det(I+2uC^{%d})}}\,du,\quad K = C^{%d}(I+2uC^{%d})^{-1}"
+            % (k, e1, k, k, k))
+        lines.append(
+            r"\Theta^{x^{%d}}_{\text{same batch}} &= B\int_0^\infty\frac{%s}"
+            r"{\sqrt{\det(I+2uC^{%d})}}\big[A\circ V_{\mathrm{step}}(K) - u(P+P^\top)"
+            r" + \tfrac{u^2}{2}Q\big]du" % (k, e1, k))
+        lines.append(
+            r"\Sigma^{x^{%d}}_{\text{two batches}} &= \sqrt{B\bar B}\,\pi^{-1}\!\int_0^\infty\!\!\int_0^\infty"
             r"\frac{e^{-%s(Bs+\bar Bt)}}{\sqrt{st\,\det(I+2D\,C^{%d})}}\,V_{\mathrm{relu}}(\Pi)_{12}"
-            r"\,ds\,dt,\quad C^{%d} = \mathcal G\,\Sigma^{h^{%d}}\mathcal G,\ "
+            r"\,ds\,dt,\quad C^{%d} = G\,\Sigma^{h^{%d}}\bar G,\ "
             r"\Pi = C^{%d}(I+2DC^{%d})^{-1},\ D = sI_B\oplus tI_{\bar B}"
             % (k, "(" + eps + ")" if layer.epsilon != 0 else "0", k, k, k, k, k))
         lines.append(
-            r"\Theta^{x^{%d}} &= \sqrt{B\bar B}\,\pi^{-1}\!\int_0^\infty\!\!\int_0^\infty"
+            r"\Theta^{x^{%d}}_{\text{two batches}} &= \sqrt{B\bar B}\,\pi^{-1}\!\int_0^\infty\!\!\int_0^\infty"
             r"\frac{e^{-%s(Bs+\bar Bt)}}{\sqrt{st\,\det(I+2DC^{%d})}}\big[A\circ V_{\mathrm{step}}"
             r"(\Pi)_{12} - 2tP - 2sP' + 4st\,Q\big]ds\,dt,\quad A = G\,\Theta^{h^{%d}}\bar G"
             % (k, "(" + eps + ")" if layer.epsilon != 0 else "0", k, k))
