@@ -244,6 +244,8 @@ def test_monte_carlo_warns_for_small_batches():
     rng = np.random.default_rng(0)
     with pytest.warns(BatchSizeWarning, match="size 5"):
         symntk.monte_carlo(p, rng.standard_normal((5, 6)), width=8, n_samples=2)
+    with pytest.warns(BatchSizeWarning, match="size 4"):
+        symntk.convergence(p, rng.standard_normal((4, 6)), widths=[8, 16], seeds=2)
     with pytest.warns(BatchSizeWarning, match="span only 3"):
         symntk.monte_carlo(symntk.batchnorm_mlp(1, input_dim=3), rng.standard_normal((8, 3)),
                            width=8, n_samples=2)
