@@ -272,3 +272,29 @@ def test_latex_of_the_recursion():
     tex = d.latex()
     for piece in (r"\Sigma^{x^{1}}", r"\Theta^{h^{2}}", r"V_{\mathrm{relu}}", r"\det(I+2D"):
         assert piece in tex
+
+
+def test_finite_referee_for_a_general_program_with_batchnorm():
+    """BatchNorm between other nodes (a Nonlin and a Bias after it): the referee's one-sweep-
+    per-output path gives the gradients of finite differences; the derivation says what it
+    does not cover."""
+    xi = symntk.Input("xi", 4)
+    h = symntk.nonlin("tanh", symntk.BatchNorm(symntk.Weight("W1", symntk.WIDTH, 4) @ xi,
+                                               "relu", 0.01) + symntk.Bias("b"))
+    x2 = symntk.BatchNorm(symntk.Weight("W2", symntk.WIDTH, symntk.WIDTH) @ h)
+    p = symntk.Program(symntk.Readout(symntk.Weight("v", 1, symntk.WIDTH), x2,
+                                      symntk.OutputBias()))
+    X = np.random.default_rng(3).standard_normal((5, 4))
+    net = symntk.sample(p, 12, seed=2)
+    g = net.gradients(X)
+    for label, idx in (("W1", (3, 1)), ("W2", (3, 1)), ("b", (3,))):
+        P = net.parameters[label].copy()
+        Pp, Pm = P.copy(), P.copy()
+        Pp[idx] += 1e-6
+        Pm[idx] -= 1e-6
+        fd = (net.with_parameters({label: Pp})(X) - net.with_parameters({label: Pm})(X)) / 2e-6
+        np.testing.assert_allclose(g[label][(slice(None),) + idx], fd, atol=1e-8)
+    e1, e2 = net.ntk(X, X[:3] + 1), net.ntk(X, X[:3] + 1, method="jacobian")
+    np.testing.assert_allclose(e1.ntk, e2.ntk, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="is not a BatchNorm"):
+        symntk.kernel(p, X)
