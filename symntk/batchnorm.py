@@ -241,6 +241,12 @@ def _evaluate(d: BatchNormDerivation, X1, X2, params) -> KernelResult:
         _check_batch(X2, "X2")
         if X2.shape[1] != X1.shape[1]:
             raise ValueError(f"X1 has {X1.shape[1]} features but X2 has {X2.shape[1]}")
+    if not same and X2.shape == X1.shape and np.array_equal(X1, X2):
+        # the same batch twice: the cross-batch kernel is the same-batch one.  (Computed by the
+        # two-batch integrals it would agree only to sqrt(quadrature error) from the second
+        # layer on: at coinciding batches the NTK is Hoelder-1/2 in the cross covariance, through
+        # the arccos of E step(u) step(v) at correlation 1.)
+        same = True
     D = X1.shape[1]
     S11 = X1 @ X1.T / D
     S22 = X2 @ X2.T / D if not same else None

@@ -58,6 +58,8 @@ __all__ = ["BNKernels", "forward_single", "forward_cross", "ntk_single", "ntk_cr
 TOL = 1e-8
 #: eigenvalues below RANK_TOL x the largest are zeros of a singular (batch-centred) Gram
 RANK_TOL = 1e-13
+#: correlations within NEAR_ONE of +-1 are recomputed from factor rows (see relu_moments)
+NEAR_ONE = 1e-10
 X_MAX = math.asinh(50.0 / (math.pi / 2))
 H_START = 1.0 / 8
 H_MIN = 1.0 / 128
@@ -68,10 +70,15 @@ class QuadratureError(ArithmeticError):
 
 
 # ------------------------------------------------------------------ closed inner forms (relu)
-def relu_moments(K: np.ndarray):
+def relu_moments(K: np.ndarray, rows: np.ndarray | None = None):
     """``V = E relu(y) relu(y)^T``, ``S = E step step^T``, ``R_ij = E delta(y_i) relu(y_j)`` for
     ``y ~ N(0, K)``, K of shape (..., N, N).  A coordinate of zero variance is 0 (relu(0) = 0,
-    step(0) = 0, the finite network's convention)."""
+    step(0) = 0, the finite network's convention).
+
+    ``rows`` (..., N, r) with K = rows rows^T: pairs with |c| > 1 - 1e-10 (duplicate or nearly
+    duplicate batch members) are recomputed from the rows, theta = 2 atan2(|e_i - e_j|,
+    |e_i + e_j|) with e = row / |row|: arccos(c) would turn the rounding of c into an error of
+    sqrt(2 * 1e-16) ~ 1e-8 in theta."""
     d = np.clip(np.einsum("...ii->...i", K), 0.0, None)
     prod = d[..., :, None] * d[..., None, :]
     root = np.sqrt(prod)
@@ -83,6 +90,27 @@ def relu_moments(K: np.ndarray):
     sine = np.sqrt(np.clip(prod - K * K, 0.0, None))   # sqrt(K_ii K_jj - K_ij^2), no cancellation
     V = (sine + (np.pi - theta) * K) / (2 * np.pi)
     S = np.where(alive, (np.pi - theta) / (2 * np.pi), 0.0)
+    if rows is not None:
+        N = K.shape[-1]
+        flat = np.flatnonzero((np.abs(c) > 1 - NEAR_ONE) & alive)
+        if flat.size:
+            lead, i, j = flat // (N * N), (flat // N) % N, flat % N
+            rf = rows.reshape(-1, N, rows.shape[-1])
+            hi, hj = rf[lead, i], rf[lead, j]
+            ni = np.sqrt(np.einsum("pk,pk->p", hi, hi))
+            nj = np.sqrt(np.einsum("pk,pk->p", hj, hj))
+            ok = (ni > 0) & (nj > 0)
+            ei = hi / np.where(ok, ni, 1.0)[:, None]
+            ej = hj / np.where(ok, nj, 1.0)[:, None]
+            dm, dp = ei - ej, ei + ej
+            th = 2 * np.arctan2(np.sqrt(np.einsum("pk,pk->p", dm, dm)),
+                                np.sqrt(np.einsum("pk,pk->p", dp, dp)))
+            flat, th, sn = flat[ok], th[ok], (ni * nj * np.sin(th))[ok]
+            kij = K.reshape(-1)[flat]
+            theta.reshape(-1)[flat] = th
+            sine.reshape(-1)[flat] = sn
+            V.reshape(-1)[flat] = (sn + (np.pi - th) * kij) / (2 * np.pi)
+            S.reshape(-1)[flat] = (np.pi - th) / (2 * np.pi)
     with np.errstate(invalid="ignore", divide="ignore"):
         R = np.where(d[..., :, None] > 0, sine / (2 * np.pi * np.where(
             d[..., :, None] > 0, d[..., :, None], 1.0)), 0.0)
@@ -180,9 +208,10 @@ def forward_single(Sigma, epsilon: float = 0.0, tol: float = TOL) -> BNKernels:
 
     def evaluate(u, w):
         den = 1.0 + 2.0 * u[:, None] * lam[None, :]
-        K = np.einsum("ik,nk,jk->nij", U, lam[None, :] / den, U)
+        rows = U[None] * np.sqrt(lam[None, :] / den)[:, None, :]
+        K = rows @ np.swapaxes(rows, 1, 2)
         weight = w * B * np.exp(-u * B * epsilon - 0.5 * np.log(den).sum(axis=1))
-        V, _, _ = relu_moments(K)
+        V, _, _ = relu_moments(K, rows)
         return np.einsum("n,nij->ij", weight, V)
 
     value, err = _nested(evaluate, tol, 1)
@@ -197,9 +226,10 @@ def ntk_single(Sigma, Theta, epsilon: float = 0.0, tol: float = TOL) -> BNKernel
 
     def evaluate(u, w):
         den = 1.0 + 2.0 * u[:, None] * lam[None, :]
-        K = np.einsum("ik,nk,jk->nij", U, lam[None, :] / den, U)
+        rows = U[None] * np.sqrt(lam[None, :] / den)[:, None, :]
+        K = rows @ np.swapaxes(rows, 1, 2)
         weight = w * B * np.exp(-u * B * epsilon - 0.5 * np.log(den).sum(axis=1))
-        V, S, R = relu_moments(K)
+        V, S, R = relu_moments(K, rows)
         P, P2, Q = _backward_moments(K, A[None], V, S, R)
         u3 = u[:, None, None]
         f = A[None] * S - u3 * (P + P2) + 0.5 * u3 ** 2 * Q
@@ -231,31 +261,31 @@ def _cross_setup(Xi, Sigma1, Sigma2):
 
 
 def _tilted_grid(F, lam1, B1, s, t):
-    """For s (n_s,) and t (n_t,): det(I + 2DC)^{-1/2} (n_s, n_t) and Pi = C (I + 2DC)^{-1}
-    (n_s, n_t, N, N), D = s I_B1 (+) t I_B2.  First the tilt by s, exact in the eigenbasis of
-    batch 1: K_s = F diag(1/(1 + 2 s lam1), 1) F^T; then the tilt by t through the eigenpairs
-    (mu, U) of K_s's batch-2 block: Pi = K_s - W diag(2t / (1 + 2 t mu)) W^T, W = K_s[:, 2] U
-    (Woodbury), det = prod(1 + 2 s lam1) prod(1 + 2 t mu).  Every factor is >= 1."""
+    """For s (n_s,) and t (n_t,): det(I + 2DC)^{-1/2} (n_s, n_t), Pi = C (I + 2DC)^{-1}
+    (n_s, n_t, N, N), D = s I_B1 (+) t I_B2, and rows H with Pi = H H^T.  First the tilt by s,
+    exact in the eigenbasis of batch 1: K_s = F_s F_s^T, F_s = F diag(1/sqrt(1 + 2 s lam1), 1);
+    then the tilt by t through the eigenpairs (nu, Q) of F_s2^T F_s2 (F_s2: batch 2's rows):
+    with Y = F_s Q, Pi = Y diag(1 / (1 + 2 t nu)) Y^T (push-through identity), and
+    det = prod(1 + 2 s lam1) prod(1 + 2 t nu).  Every factor is >= 1; nothing is subtracted."""
     r1 = len(lam1)
     d = np.ones((len(s), F.shape[1]))
     d[:, :r1] = 1.0 / (1.0 + 2.0 * s[:, None] * lam1[None, :])
-    Ks = np.einsum("ik,nk,jk->nij", F, d, F)
+    Fs = F[None] * np.sqrt(d)[:, None, :]                              # (n_s, N, r)
     logdet_s = np.log1p(2.0 * s[:, None] * lam1[None, :]).sum(axis=1)
-    K22 = Ks[:, B1:, B1:]
-    mu, U = np.linalg.eigh((K22 + np.swapaxes(K22, 1, 2)) / 2)
-    null = mu <= RANK_TOL * np.maximum(mu.max(axis=1, keepdims=True), 0.0)
-    mu = np.where(null, 0.0, mu)
-    W = Ks[:, :, B1:] @ U                                              # (n_s, N, B2)
-    c = np.where(null[:, None, :], 0.0,
-                 2.0 * t[None, :, None] / (1.0 + 2.0 * t[None, :, None] * mu[:, None, :]))
-    Pi = Ks[:, None] - np.einsum("nik,nmk,njk->nmij", W, c, W)
-    logdet_t = np.log1p(2.0 * t[None, :, None] * mu[:, None, :]).sum(axis=2)
-    return np.exp(-0.5 * (logdet_s[:, None] + logdet_t)), Pi
+    F2 = Fs[:, B1:]
+    nu, Q = np.linalg.eigh(np.swapaxes(F2, 1, 2) @ F2)
+    nu = np.where(nu <= RANK_TOL * np.maximum(nu.max(axis=1, keepdims=True), 0.0), 0.0, nu)
+    Y = Fs @ Q                                                         # (n_s, N, r)
+    g = 1.0 / (1.0 + 2.0 * t[None, :, None] * nu[:, None, :])         # (n_s, n_t, r)
+    rows = Y[:, None] * np.sqrt(g)[:, :, None, :]                      # (n_s, n_t, N, r)
+    Pi = rows @ np.swapaxes(rows, 2, 3)
+    logdet_t = np.log1p(2.0 * t[None, :, None] * nu[:, None, :]).sum(axis=2)
+    return np.exp(-0.5 * (logdet_s[:, None] + logdet_t)), Pi, rows
 
 
 def _cross_integral(F, lam1, B1, B2, epsilon, tol, integrand):
     """sqrt(B1 B2)/pi int int (st)^{-1/2} det(I + 2DC)^{-1/2} e^{-eps(B1 s + B2 t)} f(s, t, Pi),
-    f = integrand(s, t, Pi) of shape (n_s, n_t, B1, B2), chunked over s."""
+    f = integrand(s, t, Pi, rows) of shape (n_s, n_t, B1, B2), chunked over s."""
     pref = math.sqrt(B1 * B2) / math.pi
 
     def evaluate(s, ws, t, wt):
@@ -263,10 +293,10 @@ def _cross_integral(F, lam1, B1, B2, epsilon, tol, integrand):
         step = max(1, 4096 // len(t))
         for i0 in range(0, len(s), step):
             ss, ww = s[i0:i0 + step], ws[i0:i0 + step]
-            det, Pi = _tilted_grid(F, lam1, B1, ss, t)
+            det, Pi, rows = _tilted_grid(F, lam1, B1, ss, t)
             weight = (pref * det * np.outer(ww / np.sqrt(ss), wt / np.sqrt(t))
                       * np.exp(-epsilon * (B1 * ss[:, None] + B2 * t[None, :])))
-            out += np.einsum("nm,nmij->ij", weight, integrand(ss, t, Pi))
+            out += np.einsum("nm,nmij->ij", weight, integrand(ss, t, Pi, rows))
         return out
 
     return _nested(evaluate, tol, 2)
@@ -278,8 +308,8 @@ def forward_cross(Xi, Sigma1, Sigma2, epsilon: float = 0.0, tol: float = TOL) ->
     Xi, Sigma1, Sigma2 = (np.asarray(a, dtype=np.float64) for a in (Xi, Sigma1, Sigma2))
     B1, B2, _, _, F, lam1 = _cross_setup(Xi, Sigma1, Sigma2)
 
-    def integrand(s, t, Pi):
-        V, _, _ = relu_moments(Pi)
+    def integrand(s, t, Pi, rows):
+        V, _, _ = relu_moments(Pi, rows)
         return V[..., :B1, B1:]
 
     value, err = _cross_integral(F, lam1, B1, B2, epsilon, tol, integrand)
@@ -295,8 +325,8 @@ def ntk_cross(Xi, Sigma1, Sigma2, Theta, epsilon: float = 0.0, tol: float = TOL)
     Ahat = np.zeros((N, N))
     Ahat[:B1, B1:] = G1 @ Theta @ G2
 
-    def integrand(s, t, Pi):
-        V, S, R = relu_moments(Pi)
+    def integrand(s, t, Pi, rows):
+        V, S, R = relu_moments(Pi, rows)
         P, P2, Q = _backward_moments(Pi, Ahat, V, S, R)
         s4, t4 = s[:, None, None, None], t[None, :, None, None]
         blk = (Ellipsis, slice(None, B1), slice(B1, None))
