@@ -32,6 +32,8 @@ Where the NTK does not exist: with epsilon = 0 the Jacobian of the normalisation
 B = 2 the normalised pair is +-(1, -1), so relu o BN is piecewise constant and its Jacobian is 0
 almost everywhere.  For B <= 5 the fourth moment of the Jacobian is infinite, so the empirical
 NTK of a finite network does not concentrate at the usual width^-1/2 rate (:func:`check_monte_carlo`).
+Near two copies of one batch the cross NTK is Hoelder-1/2 in the cross covariance (the arccos of
+E step(u) step(v) at correlation 1): identical batches are computed as one batch.
 """
 from __future__ import annotations
 
