@@ -14,7 +14,7 @@ Quick start::
     print(d.latex())
     k = d.gram(X)          # k.nngp, k.ntk
 """
-from .program import (AvgPool, Bias, Carry, Concat, Conv, Dropout, Embedding, FixedReadout, Input,
+from .program import (AvgPool, BatchNorm, Bias, Carry, Concat, Conv, Dropout, Embedding, FixedReadout, Input,
                       MatMul, Moment, Nonlin, OutputBias, Pool, Program, ProgramError, Readout,
                       Repeat, Scan, Transpose, Vector, VectorReadout, Weight, WIDTH, concat, dropout,
                       nonlin, repeat, scan)
@@ -34,11 +34,12 @@ from .convergence import convergence, plot_convergence
 from .predict import Prediction, Predictor, gp_posterior, gradient_descent_mse
 from . import examples
 from .attention import Attention, LayerNorm, nt_attention_network, transformer
+from .batchnorm import batchnorm_mlp
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AvgPool", "Bias", "Carry", "Concat", "Conv", "Dropout", "Embedding", "FixedReadout", "Input",
+    "AvgPool", "BatchNorm", "batchnorm_mlp", "Bias", "Carry", "Concat", "Conv", "Dropout", "Embedding", "FixedReadout", "Input",
     "MatMul", "Moment", "Nonlin", "OutputBias", "Pool", "Program", "ProgramError", "Readout",
     "Repeat", "Scan", "Transpose", "Vector", "VectorReadout", "Weight", "WIDTH", "concat",
     "dropout", "nonlin", "repeat", "scan", "mlp", "cnn", "residual_mlp", "tied_mlp", "rnn",

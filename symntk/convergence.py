@@ -100,6 +100,8 @@ def convergence(program, X, widths, seeds, reference=None, parametrization=None,
     if ref_norm == 0:
         raise ValueError("reference is the zero matrix: a relative deviation is undefined")
 
+    from .batchnorm import check_monte_carlo
+    check_monte_carlo(program, X)   # a BatchNorm batch whose empirical NTK does not concentrate
     input_dim = _infer_input_dim(program, X)
     dev = np.empty((widths.size, len(seeds)))
     for i, w in enumerate(widths):

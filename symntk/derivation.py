@@ -154,6 +154,10 @@ def derive(program: Program, mode: str = "gia", fold: bool = True,
     if not isinstance(program, Program):
         raise TypeError(f"derive needs a Program, got {type(program).__name__}")
     found = _check_jumps(program, jumps)
+    from .batchnorm import derive_batchnorm, is_batch_coupled
+    if is_batch_coupled(program):
+        # examples of a batch coupled by batch statistics: kernels of pairs of batches
+        return derive_batchnorm(program, mode)
     from .convolution import derive_conv, is_convolutional
     if is_convolutional(program):
         # pixels are positions, a Conv shares one matrix per filter offset: the pixel-pair

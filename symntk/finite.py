@@ -49,6 +49,7 @@ from .program import (PARAMETRIZATIONS, AvgPool, Bias, Carry, Concat, Conv, Drop
                       FixedReadout, Aggregate,
                       Input, MatMul, Moment, Node, Nonlin, OutputBias, Pool, Program, Readout,
                       READOUTS, Scan, Transpose, VectorReadout, Weight, _children)
+from .program import BatchNorm
 from .binding import by_name as _by_name, subs_by_name as _subs
 from .numeric import lambdify
 
@@ -406,10 +407,35 @@ def _fwd_dropout(net, node: Dropout, env, n):
     return x * env[("mask", node)]
 
 
+def _batch_statistics(net, node: BatchNorm, h: np.ndarray):
+    """x~ = (h - mean_b h) / sigma and sigma per neuron, over the batch (the rows of h)."""
+    B = h.shape[0]
+    if B < 2:
+        raise ValueError(f"BatchNorm {node.label()!r} needs a batch of at least 2 examples (the "
+                         f"batch statistics of one example are undefined), got {B}")
+    eps = _number(node.epsilon, net._binding, f"epsilon of {node.label()}")
+    y = h - h.mean(axis=0, keepdims=True)
+    var = (y * y).mean(axis=0) + eps
+    if np.any(var <= 0):
+        raise ValueError(f"BatchNorm {node.label()!r}: zero variance over the batch (every "
+                         "example of the batch has the same pre-activation, e.g. identical "
+                         "inputs) and epsilon = 0: the normalisation is undefined")
+    sigma = np.sqrt(var)
+    return y / sigma, sigma
+
+
+def _fwd_batchnorm(net, node: BatchNorm, env, n):
+    # TP2 App. E.4: per neuron, over the batch members (rows)
+    f, _ = net._compiled(node.phi)
+    xt, _ = _batch_statistics(net, node, env[node.vector])
+    return _as_vector(f(xt), xt.shape)
+
+
 _FORWARD = {Input: _fwd_input, Embedding: _fwd_embedding, MatMul: _fwd_matmul, Bias: _fwd_bias,
             Nonlin: _fwd_nonlin, Moment: _fwd_moment, Pool: _fwd_pool, Scan: _fwd_scan,
             Concat: _fwd_concat, Dropout: _fwd_dropout, Conv: _fwd_conv, AvgPool: _fwd_avgpool,
-            Aggregate: _fwd_aggregate}
+            Aggregate: _fwd_aggregate,
+            BatchNorm: _fwd_batchnorm}
 
 
 class _Env(dict):
@@ -460,8 +486,9 @@ def _bwd_matmul(net, node: MatMul, G, env, tape):
         tape.add(node.vector, G @ W.T)
         tape.use(node.weight, z, G)
     else:
-        # y = W z: dz += W^T g, and dF/dW = g z^T
-        tape.add(node.vector, G @ W)
+        # y = W z: dz += W^T g, and dF/dW = g z^T (one GEMM over all leading axes: W is
+        # streamed once)
+        tape.add(node.vector, (G.reshape(-1, G.shape[-1]) @ W).reshape(G.shape[:-1] + (-1,)))
         tape.use(node.weight, G, z)
 
 
@@ -581,10 +608,20 @@ def _bwd_dropout(net, node: Dropout, G, env, tape):
     tape.add(node.vector, G * env[("mask", node)])
 
 
+def _bwd_batchnorm(net, node: BatchNorm, G, env, tape):
+    # TP2 Eq. 28: dh = G (I - x~ x~^T / B) (phi'(x~) * dx) / sigma, per neuron over the batch
+    _, (df,) = net._compiled(node.phi)
+    xt, sigma = _batch_statistics(net, node, env[node.vector])
+    g = G * _as_vector(df(xt), xt.shape)   # G: (B, n), or (outputs, B, n) in a batched sweep
+    dh = (g - g.mean(axis=-2, keepdims=True) - xt * (xt * g).mean(axis=-2, keepdims=True)) / sigma
+    tape.add(node.vector, dh)
+
+
 _BACKWARD = {Input: _bwd_input, Embedding: _bwd_embedding, MatMul: _bwd_matmul, Bias: _bwd_bias,
              Nonlin: _bwd_nonlin, Moment: _bwd_moment, Pool: _bwd_pool, Scan: _bwd_scan,
              Concat: _bwd_concat, Dropout: _bwd_dropout, Conv: _bwd_conv, AvgPool: _bwd_avgpool,
-             Aggregate: _bwd_aggregate}
+             Aggregate: _bwd_aggregate,
+             BatchNorm: _bwd_batchnorm}
 
 
 
@@ -899,6 +936,8 @@ class FiniteNetwork:
     def _backward(self, X) -> _Pass:
         """Forward pass, then one reverse sweep in reverse topological order (TP2 Programs 1-2)."""
         f, env, n = self._forward(X)
+        if any(isinstance(node, BatchNorm) for node in self.program.nodes):
+            return self._backward_batch_coupled(f, env, n)
         tape = _Tape(self._params)
         out = self.program.output
         _READOUT_BACKWARD[type(out)](self, out, env, tape, n)
@@ -911,6 +950,63 @@ class FiniteNetwork:
         biases = {p: (g if g is not None else np.zeros((n, self._params[p].size)))
                   for p, g in tape.biases.items()}
         return _Pass(f, tape.uses, biases, n)
+
+    def _backward_batch_coupled(self, f, env, n) -> _Pass:
+        """Reverse mode when examples are coupled through batch statistics (``BatchNorm``): the
+        output f(x_i) depends on every member of the batch, so one reverse sweep per output i,
+        seeded at row i only; the rows of the sweep are the batch members.  A weight's use then
+        has the member axis as a position axis, (N_out, N_batch, k), and the NTK contraction
+        sums over member pairs (:func:`_positioned_gram`)."""
+        out = self.program.output
+        if type(out) is Readout and all(
+                isinstance(node, (Input, Embedding, BatchNorm, Weight, OutputBias, Readout))
+                or (isinstance(node, MatMul) and not node.transposed) for node in self.program.nodes):
+            return self._backward_batched_outputs(f, env, n)
+        sweeps = []
+        for i in range(n):
+            seed = np.zeros((n, 1))
+            seed[i] = 1.0
+            tape = _Tape(self._params)
+            _READOUT_BACKWARD[type(out)](self, out, env, tape, n)
+            tape.cot = {node: g * seed for node, g in tape.cot.items()}
+            tape.uses = {p: [(a * seed, b) for a, b in uses] for p, uses in tape.uses.items()}
+            if out.bias is not None:
+                tape.bias(out.bias, seed)
+            for node in reversed(self.program.nodes):
+                G = tape.cot.get(node)
+                if G is not None:
+                    _BACKWARD[type(node)](self, node, G, env, tape)
+            sweeps.append(tape)
+        uses = {p: [(np.stack([t.uses[p][k][0] for t in sweeps]),
+                     np.stack([np.broadcast_to(t.uses[p][k][1], t.uses[p][k][0].shape[:1]
+                                               + t.uses[p][k][1].shape[1:]) for t in sweeps]))
+                    for k in range(len(sweeps[0].uses[p]))] for p in sweeps[0].uses}
+        biases = {p: np.stack([np.zeros(self._params[p].size) if t.biases[p] is None
+                               else np.asarray(t.biases[p]).reshape(n, -1).sum(axis=0)
+                               for t in sweeps]) for p in sweeps[0].biases}
+        return _Pass(f, uses, biases, n)
+
+    def _backward_batched_outputs(self, f, env, n) -> _Pass:
+        """The sweeps of :meth:`_backward_batch_coupled` all at once, cotangents (N_out, N_batch,
+        dim), for chains of matrices and BatchNorms (each weight is streamed once, not once
+        per output)."""
+        out = self.program.output
+        tape = _Tape(self._params)
+        seed = np.eye(n)[:, :, None]                           # output i seeds member i
+        h = env[out.vector]
+        tape.add(out.vector, seed * self._params[out.weight][0])
+        tape.use(out.weight, seed, np.broadcast_to(h, (n,) + h.shape))
+        if out.bias is not None:
+            tape.bias(out.bias, np.ones((n, 1)))
+        for node in reversed(self.program.nodes):
+            G = tape.cot.get(node)
+            if G is not None:
+                _BACKWARD[type(node)](self, node, G, env, tape)
+        uses = {p: [(a, b if b.ndim == 3 else np.broadcast_to(b, (n,) + b.shape))
+                    for a, b in us] for p, us in tape.uses.items()}
+        biases = {p: (np.zeros((n, self._params[p].size)) if g is None else
+                      np.asarray(g).reshape(n, -1)) for p, g in tape.biases.items()}
+        return _Pass(f, uses, biases, n)
 
     def gradients(self, X) -> dict[str, np.ndarray]:
         """Per-example raw gradients dF(x_i)/dP for every parameter P (label -> (N, *P.shape)).
@@ -1222,6 +1318,8 @@ def monte_carlo(program: Program, X1, X2=None, width=None, n_samples: int = 10, 
     n_samples = _positive_int(n_samples, "n_samples")
     if n_samples < 2:
         raise ValueError("monte_carlo needs n_samples >= 2 to estimate a standard error")
+    from .batchnorm import check_monte_carlo
+    check_monte_carlo(program, X1, X2)
     input_dim = _infer_input_dim(program, X1)
     ntks, nngps, zero_mean, dims = [], [], True, {}
     seeds = tuple(seed + i for i in range(n_samples))

@@ -48,7 +48,8 @@ __all__ = [
     "MatMul", "Concat", "concat", "Dropout", "dropout", "DROPOUT_MODES", "Nonlin", "Moment",
     "Carry", "Repeat", "Readout", "VectorReadout", "FixedReadout",
     "READOUTS", "OutputBias", "Scan", "Pool", "POOLINGS", "scan", "Conv", "AvgPool", "PADDINGS",
-    "Aggregate", "AGGREGATIONS", "Program", "nonlin", "repeat", "PARAMETRIZATIONS", "WIDTH",
+    "Aggregate", "AGGREGATIONS", "BatchNorm", "Program", "nonlin", "repeat", "PARAMETRIZATIONS",
+    "WIDTH",
 ]
 
 #: The default width symbol of hidden layers.
@@ -566,6 +567,51 @@ class Nonlin(Vector):
 
     def label(self):
         return self.name or f"{self.phi.expr}"
+
+
+class BatchNorm(Vector):
+    """x = phi(BN(h)) over a batch, coordinatewise in width: per neuron alpha, the batch members
+    b = 1..B (the rows of one batch) are centred and normalised by their own statistics,
+
+        x_{b alpha} = phi((h_{b alpha} - mean_b h_{b alpha}) / sqrt(var_b h_{b alpha} + epsilon)),
+
+    with the biased batch variance (1/B) sum_b (PyTorch ``BatchNorm1d(affine=False,
+    track_running_stats=False)``, TP2 App. E.4 / NTK4A ``Batchnorm-NTK``).  An example's output
+    then depends on its whole batch: the kernels are functions of pairs of batches.  The
+    backward map is TP2 Eq. 28: dh = G (I - x~ x~^T / B) (phi'(x~) * dx) / sigma, G = I - 11^T/B.
+    ``epsilon >= 0``; with epsilon = 0 the map is scale invariant in h."""
+
+    def __new__(cls, vec, activation="relu", epsilon=0, name: str = ""):
+        if not isinstance(vec, Vector):
+            raise ProgramError(f"BatchNorm normalises a width-space vector, got "
+                               f"{type(vec).__name__}")
+        if vec.positions is not None:
+            raise ProgramError(f"BatchNorm of {vec.label()!r}, indexed by positions "
+                               f"{vec.positions!r}, is not supported")
+        if isinstance(activation, Lambda):
+            phi = activation
+        else:
+            from .activations import X, activation as _activation
+            phi = Lambda(X, _activation(activation))
+        if len(phi.variables) != 1:
+            raise ProgramError(f"the activation of a BatchNorm takes one argument, got {phi}")
+        eps = _expr(epsilon, "epsilon of BatchNorm")
+        if eps.is_negative or (eps.is_number and not eps.is_finite):
+            raise ProgramError(f"epsilon of BatchNorm must be finite and >= 0, got {epsilon!r}")
+        return super().__new__(cls, vec, phi, eps, Str(_str(name)))
+
+    vector = property(lambda self: self.args[0])
+    phi = property(lambda self: self.args[1])
+    epsilon = property(lambda self: self.args[2])
+    dim = property(lambda self: self.args[0].dim)
+    name = property(lambda self: self.args[3].name or None)
+    operands = property(lambda self: (self.args[0],))
+
+    def named(self, name):
+        return BatchNorm(self.vector, self.phi, self.epsilon, name)
+
+    def label(self):
+        return self.name or f"bn({self.vector.label()})"
 
 
 class Moment(Node):
