@@ -44,9 +44,9 @@ import numpy as np
 import sympy as sp
 
 from . import batchnorm_quadrature as bq
-from .builders import D_IN, _check_arguments, _readout, _std, _variance
+from .builders import D_IN, _check_arguments, _readout, _variance
 from .parametrization import bias_factor, weight_factor
-from .program import (WIDTH, BatchNorm, Embedding, Input, MatMul, Program, ProgramError, Readout,
+from .program import (WIDTH, BatchNorm, Embedding, Input, MatMul, Program, Readout,
                       Weight)
 from .result import KernelResult, check_inputs
 
