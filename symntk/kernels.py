@@ -403,12 +403,15 @@ _LOADED: dict = {}
 def compile(derivation, *, rule: str | None = None, radial_order: int | None = None,
             angular_order: int | None = None, hermite_order: int | None = None,
             half_order: int | None = None, kd_order: int | None = None, cache: bool = True,
-            params: dict | None = None, warm_up: bool = True) -> CompiledKernel:
+            params: dict | None = None, warm_up: bool = True,
+            mehler: bool | None = None) -> CompiledKernel:
     """Compile ``derivation`` to a :class:`CompiledKernel`.
 
     ``rule``/``*_order``: quadrature for expectations without a closed form (module docstring;
-    defaults in :data:`symntk.quadrature.QUADRATURE`).  Only ``rule`` changes the generated code; the orders are
-    arrays passed at call time.  ``cache=False`` compiles in memory.  ``params`` binds symbols
+    defaults in :data:`symntk.quadrature.QUADRATURE`).  Only ``rule`` and ``mehler`` change the
+    generated code; the orders are arrays passed at call time.  ``mehler`` (default True):
+    separable smooth 2-D expectations by Mehler's formula from per-input Hermite coefficients,
+    with the 2-D rule where its error bound does not hold (:mod:`symntk.codegen.mehler`).  ``cache=False`` compiles in memory.  ``params`` binds symbols
     that appear in loop bounds (structural); variances stay call-time parameters.
     ``warm_up`` compiles now (or loads Numba's cache) instead of at the first call.
     """
@@ -419,13 +422,14 @@ def compile(derivation, *, rule: str | None = None, radial_order: int | None = N
     options = dict(QUADRATURE)
     for k, v in dict(rule=rule, radial_order=radial_order, angular_order=angular_order,
                      hermite_order=hermite_order, half_order=half_order,
-                     kd_order=kd_order).items():
+                     kd_order=kd_order, mehler=mehler).items():
         if v is not None:
             options[k] = v
     for k in ("radial_order", "angular_order", "hermite_order", "half_order", "kd_order"):
         if int(options[k]) < 1:
             raise ValueError(f"{k} must be >= 1, got {options[k]}")
-    gen = codegen.generate(derivation, rule=options["rule"], params=params)
+    gen = codegen.generate(derivation, rule=options["rule"], params=params,
+                           mehler=bool(options["mehler"]))
     key = (gen.key, cache and codegen.cache_dir())
     module, cached = _LOADED.get(key, (None, None))
     if module is None:

@@ -9,6 +9,8 @@ import sympy as sp
 from ..quadrature import RULE_ARRAYS
 from .emission import Emitter, Section, Store, array_access, scalar_access, table_access
 from .hoisting import Hoister
+from .mehler import MehlerSites
+from .mehler import helpers_source as mehler_helpers
 from .plan import LIDX, Block, Col, Eq, Plan, Twins, key_of, refs
 from .printer import identifier
 from .quadrature import QuadFunctions
@@ -17,7 +19,7 @@ __all__ = ["CODEGEN_VERSION", "MODULE_PREFIX", "CHUNK", "ASIN_COEFFS", "Generate
            "asin_coefficients", "helpers_source", "module_source"]
 
 #: Bumped whenever the generated text changes meaning (part of every module's hash).
-CODEGEN_VERSION = "1"
+CODEGEN_VERSION = "2"
 
 #: Module names: ``symntk_kernel_<hash>``.
 MODULE_PREFIX = "symntk_kernel_"
@@ -140,7 +142,7 @@ def _asin(x):
 
 
 def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list, pair_inputs,
-                  rule: str, distances=()) -> tuple[str, int]:
+                  rule: str, distances=(), mehler: bool = True) -> tuple[str, int]:
     """``(source, table width)`` of the kernel module: ``pair`` the analysed (and hoisted, by
     ``h``) derivation, ``diag`` its diagonal system, ``params`` the symbols of ``theta``."""
     d = pair.derivation
@@ -335,6 +337,7 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
     em.line("nrows = r1 - r0")
     em.line("nb_max = min(CHUNK, n2)")
     em.line("ngroups = max(1, min(nrows, groups))")
+    prologue_at = len(em.lines)
     em.line("for g in prange(ngroups):")
     em.indent()
     for a in palloc:
@@ -356,6 +359,7 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
         if eqs:
             pblocks.append(Block(eqs, b.index, b.start, b.stop, b.direction))
     psec = Section(em, pair.quads, pstorage, dict(param_code), helpers, chunk=True)
+    psec.mehler = MehlerSites(param_code) if mehler else None
     if pair_inputs or distances:
         psec._open_chunk()
         for s_ in pair_inputs:
@@ -382,9 +386,13 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
     em.dedent()
     em.dedent()
     em.lines[alloc_at:alloc_at] = ["        " + a for a in dict.fromkeys(psec.row_allocs)]
+    if psec.mehler is not None and psec.mehler.sites:
+        em.lines[prologue_at:prologue_at] = ["    " + a for a in psec.mehler.prologue()]
     parts.append("\n".join(em.lines))
     body = "\n".join(parts[1:]).strip("\n")
     quad = [q.strip("\n") for q in helpers.sources]
+    if psec.mehler is not None and psec.mehler.sites:
+        quad = [mehler_helpers().strip("\n")] + [q.strip("\n") for q in psec.mehler.sources] + quad
     used = body + "".join(quad)
     trig = [helpers_source().strip("\n")] if ("_acos(" in used or "_asin(" in used) else []
     return "\n\n\n".join([parts[0].strip("\n")] + trig + quad + [body]) + "\n", width
