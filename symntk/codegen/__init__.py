@@ -105,11 +105,11 @@ def generate(derivation: Derivation, rule: str = "polar", params: dict | None = 
         raise NotImplementedError("more than one cross-input kernel symbol")
     params_all = sorted(set(pair.params) | set(diag.params), key=str)
     params_all = [p for p in params_all if p not in pair.inputs and p not in diag.inputs]
-    src, width = module_source(pair, diag, twins, h, params_all, pair_inputs, rule, distances,
-                               mehler=mehler)
+    src, width, slots = module_source(pair, diag, twins, h, params_all, pair_inputs, rule,
+                                      distances, mehler=mehler)
     terms = [n[1] for n, _ in pair.outputs if isinstance(n, tuple)]
     gen = GeneratedKernel(src, source_hash(src), params_all, width, derivation.nngp is not None,
                           terms, [str(s) for s in pair_inputs], rule,
-                          distance_inputs=[str(s) for s in distances])
+                          distance_inputs=[str(s) for s in distances], mehler_slots=slots)
     write_manifest(key_, gen)
     return gen

@@ -313,9 +313,9 @@ class Section:
             em.line(f"{c} = min(1.0, max(-1.0, {args[2]}))")
             for name, slots in zip(locals_, mehler):
                 vals = []
-                for slot in slots:
+                for rs, cs in slots:
                     v, ok = em.fresh("mv"), em.fresh("ok")
-                    em.line(f"{v}, {ok} = _mehler(M1[i - r0, {slot}], M2[j, {slot}], {c})")
+                    em.line(f"{v}, {ok} = _mehler(M1[i, {rs}], M2[j, {cs}], {c})")
                     vals.append(v)
                     oks.append(ok)
                 em.line(f"{name} = {' + '.join(vals)}")

@@ -84,19 +84,20 @@ def separate(F: sp.Expr, u1: sp.Symbol, u2: sp.Symbol, max_terms: int = 4):
 @dataclass
 class _Site:
     """One expectation in the pair code: its coefficient slots and where the scales live."""
-    base: int
     count: int
     index: str | None          # loop index name in the pair code (None: straight code)
     lo: int
     row_scale: str             # code of s1 for row i (reads T1[i, ...], may read the index)
     col_scale: str             # code of s2 for column j (reads T2[..., j])
-    coef: list                 # [(row function, column function)] per term
+    coef: list                 # [((row function, column function), (row slot, col slot))]
 
 
 @dataclass
 class MehlerSites:
     """The expectations of one ``pairs`` function evaluated by Mehler's formula: coefficient
-    functions (module source), slots in the coefficient tables, and the prologue that fills them.
+    functions (module source), slots in the per-input coefficient tables (``M1`` of the rows,
+    ``M2`` of the columns, arguments of ``pairs``) and ``mehler_samples``, which samples the
+    integrands from which the driver computes them.
     """
     param_code: dict
     sites: list = field(default_factory=list)
@@ -118,19 +119,18 @@ class MehlerSites:
         self.sources.append(f'''
 
 @njit(cache=CACHE)
-def {name}(s, out{''.join(', ' + p for p in pnames)}):
-    """Hermite coefficients of {str(key).replace(chr(10), ' ')[:60]} at u = s z (Mehler)."""
-    fv = np.empty(_MN)
+def {name}(s, fv{''.join(', ' + p for p in pnames)}):
+    """{str(key).replace(chr(10), ' ')[:60]} at u = s z on the grid of mehler_runtime.hermite_tables."""
     for n in range(_MN):
         _u = s * (n * {STEP!r} - {HALF_WIDTH!r})
-        fv[n] = {code}
-    _hermite_coefficients(fv, out)''')
+        fv[n] = {code}''')
         self._funcs[key] = (name, params)
         return self._funcs[key]
 
     def add(self, terms, u1, u2, row_scale: str, col_scale: str, loop) -> list:
-        """Register one expectation ``sum_t f_t(u1) g_t(u2)``; returns the slot code per term
-        (``loop``: the pair-code Block the call sits in, or None)."""
+        """Register one expectation ``sum_t f_t(u1) g_t(u2)``; returns ``(row slot code, column
+        slot code)`` per term (``loop``: the pair-code Block the call sits in, or None).  A term
+        whose two factors are the same function uses one slot for both roles."""
         coef = []
         for f, g in terms:
             coef.append((self.factor_function(f, u1), self.factor_function(g, u2)))
@@ -139,103 +139,65 @@ def {name}(s, out{''.join(', ' + p for p in pnames)}):
         else:
             index = loop.index.name
             lo, count = int(min(loop.start, loop.stop)), abs(int(loop.stop) - int(loop.start)) + 1
-        base = self.slots
-        self.slots += count * len(terms)
-        self.sites.append(_Site(base, count, index, lo, row_scale, col_scale, coef))
-        out = []
-        for t in range(len(terms)):
-            first = base + t * count
-            out.append(str(first) if index is None else f"{first} + {index} - {lo}")
-        return out
+        slots = []
+        for fr, fc in coef:
+            r = self.slots
+            self.slots += count
+            c = r
+            if fc != fr:
+                c = self.slots
+                self.slots += count
+            slots.append((r, c))
+        self.sites.append(_Site(count, index, lo, row_scale, col_scale, list(zip(coef, slots))))
 
-    def prologue(self) -> list:
-        """Lines before the parallel row loop of ``pairs``: the coefficient tables of the rows
-        (``M1``) and the columns (``M2``), in parallel over inputs."""
-        if not self.sites:
-            return []
-        lines = ["# Hermite coefficients per input (Mehler's formula; symntk.codegen.mehler);",
-                 "# sym: the rows' are the columns' (one table)",
-                 f"M1 = np.empty((max(r1 - r0, 0), {self.slots}, {ORDER + 2}))",
-                 f"M2 = np.empty((n2, {self.slots}, {ORDER + 2}))"]
-        for table, var, rng, side in (("M2", "j", "n2", 1), ("M1", "i", "r0, r1", 0)):
-            lines.append(f"for {var} in prange({rng}):")
-            row = "i - r0" if side == 0 else "j"
-            base_ind = "    "
-            if side == 0:
-                lines += ["    if sym:", "        M1[i - r0] = M2[i]", "    else:"]
-                base_ind = "        "
-            for site in self.sites:
-                ind = base_ind
-                if site.index is not None:
-                    lines.append(f"{ind}for {site.index} in range({site.lo}, "
-                                 f"{site.lo + site.count}):")
-                    ind += "    "
-                scale = site.row_scale if side == 0 else site.col_scale
-                for t, pair in enumerate(site.coef):
-                    name, params = pair[side]
-                    slot = site.base + t * site.count
-                    slot = str(slot) if site.index is None else f"{slot} + {site.index} - {site.lo}"
-                    args = "".join(", " + self.param_code[p] for p in params)
-                    lines.append(f"{ind}{name}({scale}, {table}[{row}, {slot}]{args})")
-        return lines
+        def code(first):
+            return str(first) if index is None else f"{first} + {index} - {lo}"
+        return [(code(r), code(c)) for r, c in slots]
+
+    def samples_source(self, params: list) -> str:
+        """``mehler_samples(T1, theta, fv, i0)``: ``fv[it, slot, n] = f_slot(s z_n)`` for the
+        inputs ``i0 + it`` of the per-input table ``T1`` (row role and column role), sampled by
+        the small per-factor functions; the driver then runs the Hermite transform
+        (:func:`symntk.codegen.mehler_runtime.hermite_tables`, compiled once per install: a
+        parallel loop in the generated module cost ~5 s of compile time)."""
+        used = set()
+        for site in self.sites:
+            for pair, _ in site.coef:
+                for _, ps in pair:
+                    used |= set(ps)
+        lines = ["", "", "@njit(cache=CACHE)",
+                 "def mehler_samples(T1, theta, fv, i0):",
+                 '    """Integrands of the Mehler coefficients per input and slot."""']
+        lines += [f"    {self.param_code[p]} = theta[{k}]" for k, p in enumerate(params)
+                  if p in used]
+        lines += ["    for it in range(fv.shape[0]):",
+                  "        i = i0 + it",
+                  "        row = fv[it]"]
+        for site in self.sites:
+            ind = "        "
+            if site.index is not None:
+                lines.append(f"{ind}for {site.index} in range({site.lo}, {site.lo + site.count}):")
+                ind += "    "
+            lines.append(f"{ind}s = {site.row_scale}")
+            for ((fr, pr), (fc, pc)), (r, c) in site.coef:
+                for fn, ps, first in ((fr, pr, r), (fc, pc, c)) if r != c else ((fr, pr, r),):
+                    slot = str(first) if site.index is None else \
+                        f"{first} + {site.index} - {site.lo}"
+                    args = "".join(", " + self.param_code[p] for p in ps)
+                    lines.append(f"{ind}{fn}(s, row[{slot}]{args})")
+        return "\n".join(lines)
 
 
 _U = sp.Symbol("_mehler_u", real=True)
 
 
 def helpers_source() -> str:
-    """``_hermite_coefficients`` and ``_mehler``: the module-level routines every kernel with
-    Mehler expectations shares (see the module docstring)."""
+    """``_mehler`` (the series and its bound, per pair) and the grid size ``_MN``; the
+    coefficients come from :func:`symntk.codegen.mehler_runtime.hermite_tables`."""
     n = int(round(2 * HALF_WIDTH / STEP)) + 1
     return f'''
 
 _MN = {n}
-
-
-@njit(cache=CACHE, fastmath={{"reassoc", "contract"}})
-def _hermite_coefficients(fv, out):
-    """out[:K] = sum_n w_n f(z_n) h_k(z_n) (trapezoid, step h), out[K] the tail envelope (inf
-    if the step-2h sums differ by more than {COEFF_CHECK!r} of the norm or f is not finite),
-    out[K+1] = ||f|| = sqrt(E f^2).  (Sums reassociated: their order is immaterial here.)"""
-    K = out.shape[0] - 2
-    m = fv.shape[0]
-    w = np.empty(m)
-    z = np.empty(m)
-    hp = np.zeros(m)
-    hc = np.ones(m)
-    norm2 = 0.0
-    finite = True
-    for n in range(m):
-        z[n] = n * {STEP!r} - {HALF_WIDTH!r}
-        w[n] = {STEP / (2 * 3.141592653589793) ** 0.5!r} * math.exp(-0.5 * z[n] * z[n])
-        fv[n] = fv[n] * w[n]
-        if not math.isfinite(fv[n]):
-            finite = False
-    for n in range(m):
-        norm2 += fv[n] * fv[n] / w[n] if w[n] > 0.0 else 0.0
-    err = 0.0
-    env = 0.0
-    for k in range(K):
-        ev = 0.0
-        od = 0.0
-        for n in range(0, m, 2):
-            ev += fv[n] * hc[n]
-        for n in range(1, m, 2):
-            od += fv[n] * hc[n]
-        a = ev + od
-        out[k] = a
-        err = max(err, abs(ev - od))              # step 2h (even nodes) minus step h
-        if k >= K - 16:
-            env = max(env, abs(a))
-        sk, sk1 = math.sqrt(k), math.sqrt(k + 1.0)
-        for n in range(m):
-            h = (z[n] * hc[n] - sk * hp[n]) / sk1
-            hp[n] = hc[n]
-            hc[n] = h
-    norm = math.sqrt(norm2)
-    ok = finite and err <= {COEFF_CHECK!r} * norm
-    out[K] = 2.0 * env if ok else math.inf
-    out[K + 1] = norm
 
 
 @njit(cache=CACHE)
