@@ -63,13 +63,16 @@ __all__ = ["CompiledKernel", "InputTables", "compile", "as_compiled", "block_siz
 @dataclass(frozen=True)
 class InputTables:
     """The per-input half of a kernel evaluation for some rows of a data matrix (float64):
-    the rows ``X`` (n, d), the table ``T`` (n, width) the pair pass reads, and the exact diagonal
-    ``nngp``, ``ntk`` (n,) and ``terms`` (n_terms, n) of k(x, x)."""
+    the rows ``X`` (n, d), the table ``T`` (n, width) the pair pass reads, the exact diagonal
+    ``nngp``, ``ntk`` (n,) and ``terms`` (n_terms, n) of k(x, x), and ``M`` (n, slots, K + 2)
+    the Hermite coefficients of the expectations the pair pass takes by Mehler's formula
+    (:mod:`symntk.codegen.mehler`; None if there are none)."""
     X: np.ndarray
     T: np.ndarray
     nngp: np.ndarray
     ntk: np.ndarray
     terms: np.ndarray
+    M: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.X.shape[0]
@@ -77,7 +80,7 @@ class InputTables:
     def rows(self, i0: int, i1: int) -> "InputTables":
         """The tables of rows i0..i1-1 (views)."""
         return InputTables(self.X[i0:i1], self.T[i0:i1], self.nngp[i0:i1], self.ntk[i0:i1],
-                           self.terms[:, i0:i1])
+                           self.terms[:, i0:i1], None if self.M is None else self.M[i0:i1])
 
 
 # =========================================================================== the kernel
@@ -174,7 +177,26 @@ class CompiledKernel:
         dn, dk = np.empty(n), np.empty(n)
         dt = np.empty((max(len(g.term_names), 1), n))
         self.module.per_input(q, theta, *self._rules, T, dn, dk, dt)
-        return InputTables(X, T, dn, dk, dt)
+        return InputTables(X, T, dn, dk, dt, self._mehler_tables(T, theta))
+
+    def _mehler_tables(self, T: np.ndarray, theta: np.ndarray):
+        """Hermite coefficients per input of the expectations the pair pass takes by Mehler's
+        formula: the generated ``mehler_samples`` samples the integrands (chunks of rows), the
+        precompiled :func:`~symntk.codegen.mehler_runtime.hermite_tables` transforms them."""
+        slots = self.generated.mehler_slots
+        if not slots:
+            return None
+        from .codegen.mehler import ORDER
+        from .codegen.mehler_runtime import grid, hermite_tables
+        n, m = T.shape[0], grid().size
+        M = np.empty((n, slots, ORDER + 2))
+        chunk = max(1, min(n, (32 << 20) // (8 * slots * m)))       # samples: <= 32 MB
+        fv = np.empty((chunk, slots, m))
+        for i0 in range(0, n, chunk):
+            i1 = min(n, i0 + chunk)
+            self.module.mehler_samples(T, theta, fv[:i1 - i0], i0)
+            hermite_tables(fv[:i1 - i0], M[i0:i1])
+        return M
 
     def block(self, t1: InputTables, t2: InputTables | None, theta: np.ndarray, *,
               terms: bool = False, block_rows: int | None = None,
@@ -207,7 +229,7 @@ class CompiledKernel:
         for r0 in range(0, n1, rows):
             r1 = min(n1, r0 + rows)
             self.module.pairs(t1.T, T2, theta, *self._rules, nngp, ntk, tarr, bool(terms), r0,
-                              r1, sym, 1.0 / X1.shape[1], bad, groups)
+                              r1, sym, 1.0 / X1.shape[1], bad, groups, *_mehler_args(t1, t2))
         term_arrays = {}
         if terms:
             term_arrays = {name: tarr[k] for k, name in enumerate(g.term_names)}
@@ -267,7 +289,8 @@ class CompiledKernel:
         X = np.array([[1.0] + [0.0] * (_dim_or(self._dim, 1) - 1),
                       [0.5] * _dim_or(self._dim, 1)])
         theta = np.ones(len(self.generated.params))
-        T = self.tables(X, theta).T
+        t = self.tables(X, theta)
+        T = t.T
         g = self.generated
         n = X.shape[0]
         ntk = np.full((n, n), 0.1)
@@ -276,7 +299,8 @@ class CompiledKernel:
         if g.distance_inputs:
             nngp = squared_distances(X, X)
         self.module.pairs(T, np.ascontiguousarray(T.T), theta, *self._rules, nngp, ntk, tarr,
-                          False, 0, n, True, 1.0, np.zeros(n, dtype=np.int64), 2)
+                          False, 0, n, True, 1.0, np.zeros(n, dtype=np.int64), 2,
+                          *_mehler_args(t, t))
         _mirror(ntk)
 
 
@@ -396,6 +420,17 @@ def _mirror(A):
                     A[i, j] = A[j, i]
 
 
+_NO_MEHLER = np.zeros((1, 1, 1))
+
+
+def _mehler_args(t1: InputTables, t2: InputTables) -> tuple:
+    """``M1, M2`` of ``pairs``: the rows' and the columns' Hermite coefficients (dummies if the
+    kernel has no expectation by Mehler's formula)."""
+    if t1.M is None:
+        return _NO_MEHLER, _NO_MEHLER
+    return t1.M, t2.M
+
+
 # ========================================================================== compile()
 _LOADED: dict = {}
 
@@ -403,12 +438,15 @@ _LOADED: dict = {}
 def compile(derivation, *, rule: str | None = None, radial_order: int | None = None,
             angular_order: int | None = None, hermite_order: int | None = None,
             half_order: int | None = None, kd_order: int | None = None, cache: bool = True,
-            params: dict | None = None, warm_up: bool = True) -> CompiledKernel:
+            params: dict | None = None, warm_up: bool = True,
+            mehler: bool | None = None) -> CompiledKernel:
     """Compile ``derivation`` to a :class:`CompiledKernel`.
 
     ``rule``/``*_order``: quadrature for expectations without a closed form (module docstring;
-    defaults in :data:`symntk.quadrature.QUADRATURE`).  Only ``rule`` changes the generated code; the orders are
-    arrays passed at call time.  ``cache=False`` compiles in memory.  ``params`` binds symbols
+    defaults in :data:`symntk.quadrature.QUADRATURE`).  Only ``rule`` and ``mehler`` change the
+    generated code; the orders are arrays passed at call time.  ``mehler`` (default True):
+    separable smooth 2-D expectations by Mehler's formula from per-input Hermite coefficients,
+    with the 2-D rule where its error bound does not hold (:mod:`symntk.codegen.mehler`).  ``cache=False`` compiles in memory.  ``params`` binds symbols
     that appear in loop bounds (structural); variances stay call-time parameters.
     ``warm_up`` compiles now (or loads Numba's cache) instead of at the first call.
     """
@@ -419,13 +457,14 @@ def compile(derivation, *, rule: str | None = None, radial_order: int | None = N
     options = dict(QUADRATURE)
     for k, v in dict(rule=rule, radial_order=radial_order, angular_order=angular_order,
                      hermite_order=hermite_order, half_order=half_order,
-                     kd_order=kd_order).items():
+                     kd_order=kd_order, mehler=mehler).items():
         if v is not None:
             options[k] = v
     for k in ("radial_order", "angular_order", "hermite_order", "half_order", "kd_order"):
         if int(options[k]) < 1:
             raise ValueError(f"{k} must be >= 1, got {options[k]}")
-    gen = codegen.generate(derivation, rule=options["rule"], params=params)
+    gen = codegen.generate(derivation, rule=options["rule"], params=params,
+                           mehler=bool(options["mehler"]))
     key = (gen.key, cache and codegen.cache_dir())
     module, cached = _LOADED.get(key, (None, None))
     if module is None:

@@ -111,6 +111,24 @@ def _gap_info(info):
     return SymbolInfo("gap", nodes, (0, 1), False, extra)
 
 
+def _index_candidates(e0, e1, index):
+    """Values ``v`` of ``index`` for which ``e0`` at ``index = v`` may equal ``e1``: matched on
+    the indices of one array both read (``a[index + k]`` in ``e0``, ``a[m]`` in ``e1``)."""
+    out = []
+    for x in sorted(e0.atoms(sp.Indexed), key=sp.default_sort_key):
+        k = sp.expand(x.indices[0] - index)
+        if k.has(index):
+            continue
+        for y in e1.atoms(sp.Indexed):
+            if y.base == x.base:
+                v = sp.expand(y.indices[0] - k)
+                if v not in out:
+                    out.append(v)
+        if out:
+            break
+    return out
+
+
 class _Stabilizer:
     """Builds the distance companions and the stable closed forms of one pair derivation."""
 
@@ -279,6 +297,10 @@ class _Stabilizer:
         key = (id(container), expr)
         sym = self.gaps.get(key)
         if sym is None:
+            sym = self._earlier_gap(expr, anchor)
+            if sym is not None:
+                return sym
+        if sym is None:
             n = len(self.gaps)
             if container is not None and expr.has(container.index):
                 sym = sp.IndexedBase(f"gap{n}")[container.index]
@@ -291,6 +313,39 @@ class _Stabilizer:
         elif self._position(anchor) < self._position(self.gap_eqs[sym][0]):
             self.gap_eqs[sym] = (anchor, expr)     # needed earlier than first met
         return sym
+
+    def _earlier_gap(self, expr, anchor):
+        """The gap of an earlier loop that equals ``expr`` at one of its iterations, as that
+        loop's entry (e.g. the forward loop's ``gap[l]`` in the backward recursion of layer
+        ``l``), or None.  One gap, hence one angle ``theta`` per layer and pair: the backward
+        pass reads the forward's instead of recomputing it (the code generator then computes
+        the angle once, in the forward loop)."""
+        here = self.where[anchor][0]
+        step = self._step_of(anchor)
+        for (_, e0), sym in self.gaps.items():
+            if not isinstance(sym, sp.Indexed):
+                continue
+            loop = self.where[self.gap_eqs[sym][0]][0]
+            if loop is None or loop is here or self._step_index[id(loop)] >= step:
+                continue
+            lidx = loop.index
+            lo, hi = sorted((loop.start, loop.stop))
+            for cand in _index_candidates(e0, expr, lidx):
+                if e0.xreplace({lidx: cand}) != expr:
+                    continue
+                if here is not None and cand.has(here.index):
+                    a, b = sorted((here.start, here.stop))
+                    span = (cand.xreplace({here.index: a}), cand.xreplace({here.index: b}))
+                else:
+                    span = (cand, cand)
+                if all(v.is_Integer and lo <= v <= hi for v in span) and \
+                        not (cand.free_symbols - ({here.index} if here is not None else set())):
+                    return sym.base[cand]
+        return None
+
+    def _step_of(self, lhs):
+        c = self.where[lhs][0]
+        return self._step_index[id(c)] if c is not None else self._step_index[lhs]
 
     # ------------------------------------------------------------------ rewriting
     def stable(self, e, anchor=None):
@@ -312,6 +367,9 @@ class _Stabilizer:
     def run(self) -> Derivation:
         d, red = self.d, self.red
         self.gaps, self.gap_eqs = {}, {}
+        self._step_index = {}
+        for k, s in enumerate(d.steps):
+            self._step_index[id(s) if isinstance(s, Loop) else s.lhs] = k
         rewritten = {lhs: self.stable(self.named[lhs], lhs) for lhs in self.where}
         outputs = dict(nngp=None if d.nngp is None else self._output(d.nngp, red.nngp),
                        ntk=self._output(d.ntk, red.ntk),

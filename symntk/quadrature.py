@@ -32,7 +32,7 @@ __all__ = ["QUADRATURE", "RULE_ARRAYS", "rule_arrays", "hermite_rule", "half_rul
 
 #: Default quadrature orders of the compiled kernels (accuracy: :mod:`symntk.kernels`).
 QUADRATURE = {"rule": "polar", "radial_order": 32, "angular_order": 24, "hermite_order": 64,
-              "half_order": 48, "kd_order": 16}
+              "half_order": 48, "kd_order": 16, "mehler": True}
 
 #: The rule arrays in the order the generated functions take them: polar radial nodes/weights,
 #: angular nodes/weights, half-line nodes/weights, 2-D Gauss-Hermite, k-D Gauss-Hermite.

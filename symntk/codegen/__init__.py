@@ -70,13 +70,14 @@ __all__ = ["CODEGEN_VERSION", "MODULE_PREFIX", "ASIN_COEFFS", "NumbaPrinter", "S
            "cache_info", "clear_cache", "CacheWarning", "asin_coefficients", "helpers_source"]
 
 
-def generate(derivation: Derivation, rule: str = "polar", params: dict | None = None
-             ) -> GeneratedKernel:
+def generate(derivation: Derivation, rule: str = "polar", params: dict | None = None,
+             mehler: bool = True) -> GeneratedKernel:
     """Generate the kernel module text for ``derivation`` (see the module docstring).
 
     ``rule``: the 2-D quadrature for expectations without a closed form, ``"polar"`` (split at
     the kinks, default) or ``"hermite"`` (tensor Gauss-Hermite).  ``params`` binds only
-    structural symbols (loop bounds); variances stay arguments.
+    structural symbols (loop bounds); variances stay arguments.  ``mehler``: separable smooth
+    2-D expectations of the pair code by Mehler's formula (:mod:`symntk.codegen.mehler`).
     """
     if rule not in ("polar", "hermite"):
         raise ValueError(f"unknown quadrature rule {rule!r}; expected 'polar' or 'hermite'")
@@ -86,7 +87,7 @@ def generate(derivation: Derivation, rule: str = "polar", params: dict | None = 
     if len(inputs) != 1:
         raise NotImplementedError("programs with several Input nodes are not compiled yet")
     bound = structural(derivation, params)
-    key_ = fingerprint(derivation, rule, bound)
+    key_ = fingerprint(derivation, rule if not mehler else rule + "+mehler", bound)
     known = read_manifest(key_)
     if known is not None:
         return known
@@ -104,10 +105,11 @@ def generate(derivation: Derivation, rule: str = "polar", params: dict | None = 
         raise NotImplementedError("more than one cross-input kernel symbol")
     params_all = sorted(set(pair.params) | set(diag.params), key=str)
     params_all = [p for p in params_all if p not in pair.inputs and p not in diag.inputs]
-    src, width = module_source(pair, diag, twins, h, params_all, pair_inputs, rule, distances)
+    src, width, slots = module_source(pair, diag, twins, h, params_all, pair_inputs, rule,
+                                      distances, mehler=mehler)
     terms = [n[1] for n, _ in pair.outputs if isinstance(n, tuple)]
     gen = GeneratedKernel(src, source_hash(src), params_all, width, derivation.nngp is not None,
                           terms, [str(s) for s in pair_inputs], rule,
-                          distance_inputs=[str(s) for s in distances])
+                          distance_inputs=[str(s) for s in distances], mehler_slots=slots)
     write_manifest(key_, gen)
     return gen

@@ -219,7 +219,8 @@ def read_manifest(fingerprint: str):
         params = [sp.Symbol(name, **assumptions) for name, assumptions in m["params"]]
         return GeneratedKernel(source, m["key"], params, m["table_width"], m["has_nngp"],
                                m["term_names"], m["pair_inputs"], m["rule"], from_manifest=True,
-                               distance_inputs=m["distance_inputs"])
+                               distance_inputs=m["distance_inputs"],
+                               mehler_slots=int(m.get("mehler_slots", 0)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -228,7 +229,8 @@ def write_manifest(fingerprint: str, gen: GeneratedKernel):
     """Record ``gen`` under ``fingerprint`` (best effort: the manifest only saves time)."""
     m = {"key": gen.key, "params": [[p.name, p.assumptions0] for p in gen.params],
          "table_width": gen.table_width, "has_nngp": gen.has_nngp, "term_names": gen.term_names,
-         "pair_inputs": gen.pair_inputs, "rule": gen.rule, "distance_inputs": gen.distance_inputs}
+         "pair_inputs": gen.pair_inputs, "rule": gen.rule, "distance_inputs": gen.distance_inputs,
+         "mehler_slots": gen.mehler_slots}
     try:
         path = _manifest_path(fingerprint)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -9,6 +9,8 @@ import sympy as sp
 from ..quadrature import RULE_ARRAYS
 from .emission import Emitter, Section, Store, array_access, scalar_access, table_access
 from .hoisting import Hoister
+from .mehler import MehlerSites
+from .mehler import helpers_source as mehler_helpers
 from .plan import LIDX, Block, Col, Eq, Plan, Twins, key_of, refs
 from .printer import identifier
 from .quadrature import QuadFunctions
@@ -17,7 +19,7 @@ __all__ = ["CODEGEN_VERSION", "MODULE_PREFIX", "CHUNK", "ASIN_COEFFS", "Generate
            "asin_coefficients", "helpers_source", "module_source"]
 
 #: Bumped whenever the generated text changes meaning (part of every module's hash).
-CODEGEN_VERSION = "1"
+CODEGEN_VERSION = "2"
 
 #: Module names: ``symntk_kernel_<hash>``.
 MODULE_PREFIX = "symntk_kernel_"
@@ -36,6 +38,7 @@ class GeneratedKernel:
     rule: str
     from_manifest: bool = False        # read back from the cache instead of generated
     distance_inputs: list = field(default_factory=list)   # ||xi - xi'||^2/d symbol, if any
+    mehler_slots: int = 0              # per-input Hermite coefficient vectors (Mehler's formula)
 
     @property
     def module_name(self) -> str:
@@ -140,9 +143,10 @@ def _asin(x):
 
 
 def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list, pair_inputs,
-                  rule: str, distances=()) -> tuple[str, int]:
-    """``(source, table width)`` of the kernel module: ``pair`` the analysed (and hoisted, by
-    ``h``) derivation, ``diag`` its diagonal system, ``params`` the symbols of ``theta``."""
+                  rule: str, distances=(), mehler: bool = True) -> tuple[str, int, int]:
+    """``(source, table width, Mehler slots)`` of the kernel module: ``pair`` the analysed (and
+    hoisted, by ``h``) derivation, ``diag`` its diagonal system, ``params`` the symbols of
+    ``theta``; ``mehler``: separable smooth 2-D expectations by Mehler's formula."""
     d = pair.derivation
     parts = [_HEADER.format(version=CODEGEN_VERSION, name=d.program.name, mode=d.mode,
                             chunk=CHUNK)]
@@ -318,7 +322,7 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
     em.line("")
     em.line("@njit(cache=CACHE, parallel=True)")
     em.line(f"def pairs(T1, T2, theta, {rule_args}, nngp, ntk, terms, with_terms, r0, r1, sym,")
-    em.line("          gscale, bad, groups):")
+    em.line("          gscale, bad, groups, M1, M2):")
     em.indent()
     em.line('"""Rows r0..r1-1 of the Gram matrices; ntk[i, j] holds xi.xi\' on entry (times gscale')
     em.line("is xi.xi'/d), nngp[i, j] ||xi - xi'||^2/d if the kernel reads it (stable correlations).")
@@ -328,6 +332,8 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
     em.line("sym: X2 is X1; only j > i is computed (rows interleaved to balance the triangle).")
     em.line("bad[i]: how many NTK entries of row i are not finite (overflow is reported).")
     em.line("groups: rows are dealt to this many parallel groups, each with its own scratch.")
+    em.line("M1[i], M2[j]: Hermite coefficients of row i and column j (Mehler's formula; dummies")
+    em.line("if the kernel has no such expectation).")
     em.line('"""')
     for k, p in enumerate(params):
         em.line(f"{param_code[p]} = theta[{k}]")
@@ -356,6 +362,7 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
         if eqs:
             pblocks.append(Block(eqs, b.index, b.start, b.stop, b.direction))
     psec = Section(em, pair.quads, pstorage, dict(param_code), helpers, chunk=True)
+    psec.mehler = MehlerSites(param_code) if mehler else None
     if pair_inputs or distances:
         psec._open_chunk()
         for s_ in pair_inputs:
@@ -385,9 +392,13 @@ def module_source(pair: Plan, diag: Plan, twins: Twins, h: Hoister, params: list
     parts.append("\n".join(em.lines))
     body = "\n".join(parts[1:]).strip("\n")
     quad = [q.strip("\n") for q in helpers.sources]
+    if psec.mehler is not None and psec.mehler.sites:
+        quad = [mehler_helpers().strip("\n")] + [q.strip("\n") for q in psec.mehler.sources] + \
+            [psec.mehler.samples_source(params).strip("\n")] + quad
     used = body + "".join(quad)
     trig = [helpers_source().strip("\n")] if ("_acos(" in used or "_asin(" in used) else []
-    return "\n\n\n".join([parts[0].strip("\n")] + trig + quad + [body]) + "\n", width
+    slots = psec.mehler.slots if psec.mehler is not None else 0
+    return "\n\n\n".join([parts[0].strip("\n")] + trig + quad + [body]) + "\n", width, slots
 
 
 def _note_read(plan, r, needed0, twins):
