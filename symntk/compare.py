@@ -112,6 +112,12 @@ def compare(program: Program, X=None, width: int | None = None, seeds: int = 0,
     truth, the mean and standard error of the exact empirical NTK over ``seeds`` networks.
     """
     gia, exact = derive(program, mode="gia"), derive(program, mode="exact")
+    if not isinstance(gia, Derivation):
+        raise NotImplementedError(
+            f"compare() sets two Z-calculus derivations side by side; {program.name!r} is derived "
+            f"by another engine ({type(gia).__name__}: pixel/token pairs or batches), where every "
+            "weight is used once per layer, so GIA and exact mode coincide (TP2 Thm 7.2): use "
+            "derive(program) and gia_check(program)")
     a, b = ntk_in_input_kernels(gia), ntk_in_input_kernels(exact)
     diff = None
     if a is not None and b is not None:

@@ -195,3 +195,10 @@ def test_deep_mean_pooled_network_exact_inside_a_folded_loop():
     z_exact = np.abs(exact.gram(X3).ntk - mc.ntk_mean) / mc.ntk_sem
     z_gia = np.abs(gia.gram(X3).ntk - mc.ntk_mean) / mc.ntk_sem
     assert z_exact.max() < 3.0 and z_gia.max() > 5.0
+
+
+@pytest.mark.parametrize("build", [lambda: symntk.batchnorm_mlp(1), lambda: symntk.gnn(1)])
+def test_compare_names_programs_of_other_engines(build):
+    """Pixel-pair and batch programs have one derivation: compare() says so instead of failing."""
+    with pytest.raises(NotImplementedError, match="another engine"):
+        symntk.compare(build())
