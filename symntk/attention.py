@@ -281,6 +281,7 @@ class _LayerNormEmitter:
 class _AttentionEmitter:
     scratch = ("M",)
     width = None            # one column per token: the sequence's T x T attention matrix
+    masked = True           # padded keys (w1[r] = 0) get attention weight 0
 
     @staticmethod
     def emit(out, i, s, steps, full, pr):
@@ -293,19 +294,22 @@ class _AttentionEmitter:
         out(2, f"lg = C{keys}.reshape((P, P))")
         out(2, "for p in range(P):")
         lam = f"{scale} * lg[p, r]" if tied else "0.0"
+        # w1: this sequence's token weights (1 on a token, 0 on padding): the softmax runs over
+        # the real keys, the identity drops the padded ones
         if s.how == "softmax":
             out(3, "mx = -np.inf")
             out(3, "for r in range(P):")
-            out(4, f"mx = max(mx, {lam})")
+            out(4, "if w1[r] != 0.0:")
+            out(5, f"mx = max(mx, {lam})")
             out(3, "tot = 0.0")
             out(3, "for r in range(P):")
-            out(4, f"At[p, r] = math.exp({lam} - mx)")
+            out(4, f"At[p, r] = math.exp({lam} - mx) if w1[r] != 0.0 else 0.0")
             out(4, "tot += At[p, r]")
             out(3, "for r in range(P):")
             out(4, "At[p, r] /= tot")
         else:
             out(3, "for r in range(P):")
-            out(4, f"At[p, r] = {lam}")
+            out(4, f"At[p, r] = {lam} * w1[r]")
         if skip:
             out(3, "At[p, p] += 1.0")
         out(1, f"A1 = ha{i}.reshape((P, P))")
@@ -363,6 +367,10 @@ def _attention_parts(net, node: Attention, env):
     scale = _finite._number(node.scale, net._binding, f"scale of {node.label()}")
     m = K.shape[-1]
     L = scale * (Q @ np.swapaxes(K, 2, 3)) / m
+    keep = env.get(_finite._NODE_MASK)          # token mask (N, T): padded keys get weight 0
+    if keep is not None:
+        keep = keep[:, None, None, :]
+        L = np.where(keep, L, -np.inf) if node.mechanism == "softmax" else L * keep
     A = _softmax(L) if node.mechanism == "softmax" else L
     return V, K, Q, scale, m, A
 
@@ -383,7 +391,11 @@ def _bwd_attention(net, node: Attention, G, env, tape):
     dV = _merge(np.swapaxes(A, 2, 3) @ Gh)
     tape.add(node.values, dV + G if node.skip else dV)
     dA = Gh @ np.swapaxes(V, 2, 3)
-    dL = A * (dA - (dA * A).sum(axis=-1, keepdims=True)) if node.mechanism == "softmax" else dA
+    if node.mechanism == "softmax":
+        dL = A * (dA - (dA * A).sum(axis=-1, keepdims=True))   # 0 on padded keys (A = 0)
+    else:
+        keep = env.get(_finite._NODE_MASK)
+        dL = dA if keep is None else dA * keep[:, None, None, :]
     tape.add(node.queries, _merge(scale * (dL @ K) / m))
     tape.add(node.keys, _merge(scale * (np.swapaxes(dL, 2, 3) @ Q) / m))
 
