@@ -535,6 +535,7 @@ def _bwd_layernorm(net, node: LayerNorm, G, env, tape):
     tape.add(node.vector, g)
 
 
+_finite.TOKEN_MASKED.add(Attention)
 _finite._FORWARD[Attention] = _fwd_attention
 _finite._BACKWARD[Attention] = _bwd_attention
 _finite._FORWARD[LayerNorm] = _fwd_layernorm

@@ -339,6 +339,10 @@ def _fwd_avgpool(net, node: AvgPool, env, n):
     return P.sum(axis=-2) / node.filter_size
 
 
+#: Node types that read a token mask themselves (input mapping ``{name: X, 'mask': m}``), so
+#: ``empirical_ntk(mask1=...)`` passes the padded batch whole (filled by symntk.attention).
+TOKEN_MASKED: set = set()
+
 #: Keys of the graph data in a batch's environment (from the input mapping, see _check_inputs).
 _ADJACENCY, _NODE_MASK = ("graph", "adjacency"), ("graph", "mask")
 
@@ -1304,6 +1308,14 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
         net = sample(program, width, seed, parametrization, _infer_input_dim(program, X1), values)
     if mask1 is None and mask2 is None:
         return net.ntk(X1, X2, method=method, parametrization=parametrization)
+    if any(type(node) in TOKEN_MASKED for node in net.program.nodes):
+        # the network reads the masks itself (any 0/1 pattern, X1 and X2 of mixed lengths)
+        name = net.program.inputs[0].name
+        A = X1 if mask1 is None else {name: X1, "mask": mask1}
+        B = X2 if mask2 is None else {name: X2, "mask": mask2}
+        if X2 is None and mask2 is not None:
+            raise ValueError("mask2 given without X2")
+        return net.ntk(A, B, method=method, parametrization=parametrization)
     from .masks import masked_gram, masked_outputs
     from .result import KernelResult
 

@@ -165,6 +165,10 @@ def test_finite_network_padded_equals_unpadded(case, data):
     e = net.ntk({"x": X1, "mask": m1}, {"x": X2, "mask": m2})
     want = np.array([[net.ntk(a[None], b[None]).ntk[0, 0] for b in s2] for a in s1])
     np.testing.assert_allclose(e.ntk, want, rtol=1e-12, atol=1e-14)
+    # the same through symntk.empirical_ntk(mask1=, mask2=) (a row padded in front included)
+    e2 = symntk.empirical_ntk(net, X1, X2, mask1=m1, mask2=m2)
+    np.testing.assert_allclose(e2.ntk, want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(e2.outputs1, f1, rtol=1e-12, atol=1e-14)
 
 
 def test_bad_masks_are_refused(data):
