@@ -81,7 +81,7 @@ def kernel(program, X1, X2=None, mode: str = "gia", params=None, jumps: str = "w
     counts padded to P (padded nodes contribute nothing).
     """
     k = derive(program, mode=mode, jumps=jumps).kernel_function(stacklevel=2)
-    if getattr(k, "takes_graphs", False):
+    if getattr(k, "takes_graphs", False) or getattr(k, "takes_masks", False):
         return k(X1, X2, params=params, adjacency1=adjacency1, adjacency2=adjacency2,
                  mask1=mask1, mask2=mask2)
     if adjacency1 is not None or adjacency2 is not None:

@@ -36,6 +36,14 @@ runs as a T x 1 image, every token-pair kernel C_{p,q}, Theta_{p,q} of two seque
       \Theta^y_{p,q} = \Theta^x_{p,q}/\sqrt{(q_p+\epsilon)(q'_q+\epsilon)}
       \quad(\mathrm{Corr}(C)\text{ of TP2 App. E.5}).
 
+With ``linear_scaling=False`` the logits are :math:`\mathrm{scale}\,q_t\cdot k_s/\sqrt n` from
+independent query and key weights: Gaussian in the limit (Hron et al. 2020), derived for the
+identity mechanism only (:func:`_rule_gaussian_attention`).
+
+Token masks (1 on a token, 0 on padding): a padded token gets attention weight 0 as a key (the
+softmax is normalised over the real tokens; Neural Tangents' masking of ``GlobalSelfAttention``)
+and takes no part in pooling, in the compiled kernel and in the finite network alike.
+
 The compiled kernel (:mod:`symntk.codegen.conv`) computes :math:`\tilde A(\xi)` and
 :math:`1/\sqrt{q_p}` once per sequence in its pass with itself and stores them as per-sequence
 tables.  ``transformer`` builds NTK4A's Transformer (TP2 App. E.5), ``nt_attention_network``
@@ -74,7 +82,7 @@ class Attention(Vector):
     y_t = sum_s mech_s(scale q_t . k_s / n) v_s (+ v_t with ``skip``)."""
 
     def __new__(cls, values, keys, queries=None, mechanism: str = "softmax", scale=1,
-                skip: bool = False, name: str = "", heads: int = 1):
+                skip: bool = False, name: str = "", heads: int = 1, linear_scaling: bool = True):
         for v, what in ((values, "values"), (keys, "keys")):
             _positioned_1d(v, f"Attention {what}")
         queries = keys if queries is None else queries
@@ -91,9 +99,13 @@ class Attention(Vector):
                                f"{MECHANISMS}")
         if not isinstance(heads, (int, sp.Integer)) or int(heads) < 1:
             raise ProgramError(f"Attention heads must be a positive int, got {heads!r}")
+        if not isinstance(linear_scaling, bool):
+            raise ProgramError(f"Attention linear_scaling must be True (logits q.k / n) or False "
+                               f"(q.k / sqrt(n)), got {linear_scaling!r}")
         return super().__new__(cls, values, keys, queries, Str(mech),
                                _expr(scale, "attention scale"), sp.Integer(1 if skip else 0),
-                               Str(_str(name)), sp.Integer(int(heads)))
+                               Str(_str(name)), sp.Integer(int(heads)),
+                               sp.Integer(1 if linear_scaling else 0))
 
     values = property(lambda self: self.args[0])
     keys = property(lambda self: self.args[1])
@@ -103,6 +115,7 @@ class Attention(Vector):
     skip = property(lambda self: bool(self.args[5]))
     name = property(lambda self: self.args[6].name or None)
     heads = property(lambda self: int(self.args[7]))
+    linear_scaling = property(lambda self: bool(self.args[8]))
     dim = property(lambda self: self.args[0].dim)
     positions = property(lambda self: self.args[0].positions)
 
@@ -112,7 +125,7 @@ class Attention(Vector):
 
     def named(self, name):
         return Attention(self.values, self.keys, self.queries, self.mechanism, self.scale,
-                         self.skip, name, self.heads)
+                         self.skip, name, self.heads, self.linear_scaling)
 
     def label(self):
         return self.name or f"attn({self.values.label()})"
@@ -149,7 +162,7 @@ def _zero_mean(steps, r) -> bool:
     s = steps[r]
     if s.kind in ("conv", "bias", "layernorm"):
         return True
-    if s.kind in ("affine", "attention"):
+    if s.kind in ("affine", "attention", "gattention"):
         reads = s.reads if s.kind == "affine" else s.reads[:1]
         return all(_zero_mean(steps, q) for q in reads)
     return False
@@ -181,9 +194,50 @@ def _tied(b, node: Attention) -> bool:
         "linear_scaling) or come from a Dense/Conv weight of their own")
 
 
+def _rule_gaussian_attention(b, node: Attention):
+    r"""Logits :math:`G_{ts} = \mathrm{scale}\, q_t\cdot k_s/\sqrt n` (Neural Tangents'
+    ``linear_scaling=False``): with independent query and key weights they converge to a
+    Gaussian process, :math:`\mathbb E\, G_{ts}(\xi) G_{t's'}(\xi') = \mathrm{scale}^2
+    C^q_{tt'} C^k_{ss'}`, independent of the values (Hron et al. 2020, "Infinite attention",
+    Thm. 3; in the limit of infinitely many heads the output after W_O is Gaussian).  The identity
+    mechanism y_t = sum_s G_ts v_s then has
+
+    .. math::
+
+        C^y_{tt'} = \mathrm{scale}^2\, C^q_{tt'} \textstyle\sum_{s,s'} C^k_{ss'} C^v_{ss'},\qquad
+        \Theta^y_{tt'} = \mathrm{scale}^2\big(\Theta^q_{tt'} \textstyle\sum C^k C^v
+        + C^q_{tt'} \sum_{s,s'} (\Theta^k_{ss'} C^v_{ss'} + C^k_{ss'}\Theta^v_{ss'})\big)
+
+    (the gradients through queries, keys and values; their weights' own terms sit in
+    :math:`\Theta^q, \Theta^k, \Theta^v`).  Sums over s, s' run over the real tokens."""
+    if node.mechanism != "identity":
+        raise NotImplementedError(
+            f"Attention {node.label()!r}: {node.mechanism} of Gaussian logits (linear_scaling="
+            "False, q.k / sqrt(n)) has no closed form: the kernel is an expectation of a "
+            "product of softmaxes over the logits' Gaussian law, a T-dimensional integral with "
+            "no known closed form (Hron et al. 2020; Neural Tangents refuses it too); use "
+            "mechanism='identity' or linear_scaling=True")
+    if node.skip:
+        raise NotImplementedError(f"Attention {node.label()!r}: skip with Gaussian logits")
+    parts = [b.step_of(v) for v in (node.queries, node.keys, node.values)]
+    if any(p.kind != "conv" for p in parts) or \
+            len({p.node.weight for p in parts}) != 3:
+        raise NotImplementedError(
+            f"Attention {node.label()!r} with Gaussian logits (linear_scaling=False): queries, "
+            "keys and values must each be a Dense/Conv of a weight of its own (independent), "
+            "as in Neural Tangents; tied queries and keys give logits q.q / sqrt(n) that diverge")
+    reads = tuple(b.read(v) for v in (node.values, node.keys, node.queries))
+    b.add(node, ConvStep("gattention", node, reads=reads, how=node.mechanism,
+                         weight=node.scale, gaussian=False,
+                         has_theta=any(b.steps[r].has_theta for r in reads),
+                         label=_label(node)))
+
+
 def _rule_attention(b, node: Attention, rank: int):
     if rank != 1:
         raise NotImplementedError("Attention over 2-D positions: tokens are 1-D positions")
+    if not node.linear_scaling:
+        return _rule_gaussian_attention(b, node)
     vals = b.read(node.values)
     tied = _tied(b, node)
     keys = b.read(node.keys)
@@ -245,7 +299,30 @@ def _eq_attention(steps, i, s):
     return out
 
 
+def _eq_gattention(steps, i, s):
+    p, q = _conv.P_IDX, _conv.Q_IDX
+    r, r2 = sp.Symbol("r"), sp.Symbol("r'")
+    Tn = sp.Symbol("T")
+    v, k, qq = (steps[j] for j in s.reads)
+    fam = lambda f, j: _family(f, steps[j], j)        # noqa: E731
+    Cv, Ck, Cq = (fam("C", j) for j in s.reads)
+    C, T = _family("C", s, i), _family("T", s, i)
+    ssum = lambda e: sp.Sum(sp.Sum(e, (r2, 1, Tn)), (r, 1, Tn))     # noqa: E731
+    sc = s.weight ** 2
+    out = [(C[p, q], sc * Cq[p, q] * ssum(Ck[r, r2] * Cv[r, r2]),
+            "identity attention of Gaussian logits q.k/sqrt(n) (Hron et al. 2020)")]
+    if s.has_theta:
+        Tv, Tk, Tq = (fam("T", j) if steps[j].has_theta else sp.S.Zero for j in s.reads)
+        tk = Tk[r, r2] if Tk != 0 else 0
+        tv = Tv[r, r2] if Tv != 0 else 0
+        tq = Tq[p, q] if Tq != 0 else 0
+        out.append((T[p, q], sc * (tq * ssum(Ck[r, r2] * Cv[r, r2]) +
+                                   Cq[p, q] * ssum(tk * Cv[r, r2] + Ck[r, r2] * tv)), ""))
+    return out
+
+
 _conv.STEP_EQUATIONS["layernorm"] = _eq_layernorm
+_conv.STEP_EQUATIONS["gattention"] = _eq_gattention
 _conv.STEP_EQUATIONS["attention"] = _eq_attention
 
 
@@ -281,6 +358,7 @@ class _LayerNormEmitter:
 class _AttentionEmitter:
     scratch = ("M",)
     width = None            # one column per token: the sequence's T x T attention matrix
+    masked = True           # padded keys (w1[r] = 0) get attention weight 0
 
     @staticmethod
     def emit(out, i, s, steps, full, pr):
@@ -293,19 +371,22 @@ class _AttentionEmitter:
         out(2, f"lg = C{keys}.reshape((P, P))")
         out(2, "for p in range(P):")
         lam = f"{scale} * lg[p, r]" if tied else "0.0"
+        # w1: this sequence's token weights (1 on a token, 0 on padding): the softmax runs over
+        # the real keys, the identity drops the padded ones
         if s.how == "softmax":
             out(3, "mx = -np.inf")
             out(3, "for r in range(P):")
-            out(4, f"mx = max(mx, {lam})")
+            out(4, "if w1[r] != 0.0:")
+            out(5, f"mx = max(mx, {lam})")
             out(3, "tot = 0.0")
             out(3, "for r in range(P):")
-            out(4, f"At[p, r] = math.exp({lam} - mx)")
+            out(4, f"At[p, r] = math.exp({lam} - mx) if w1[r] != 0.0 else 0.0")
             out(4, "tot += At[p, r]")
             out(3, "for r in range(P):")
             out(4, "At[p, r] /= tot")
         else:
             out(3, "for r in range(P):")
-            out(4, f"At[p, r] = {lam}")
+            out(4, f"At[p, r] = {lam} * w1[r]")
         if skip:
             out(3, "At[p, p] += 1.0")
         out(1, f"A1 = ha{i}.reshape((P, P))")
@@ -332,7 +413,44 @@ class _AttentionEmitter:
             out(1, f"T{i}[:] = 0.0")
 
 
+class _GaussianAttentionEmitter:
+    """C^y = scale^2 C^q sum_{s,s'} w1 w2 C^k C^v (Theta likewise): no per-sequence table."""
+    scratch = ()
+    width = 1
+    masked = True
+
+    @staticmethod
+    def emit(out, i, s, steps, full, pr):
+        vals, keys, qs = s.reads
+        sc = pr.doprint(sp.sympify(s.weight) ** 2)
+        out(1, f"P = dims[{i}, 0] * dims[{i}, 1]")
+        for nm, j in (("v", vals), ("k", keys), ("q", qs)):
+            out(1, f"c{nm} = C{j}.reshape((P, P))")
+            if steps[j].has_theta:
+                out(1, f"t{nm} = T{j}.reshape((P, P))")
+        tv, tk = steps[vals].has_theta, steps[keys].has_theta
+        out(1, "skv = 0.0")
+        out(1, "tkv = 0.0")
+        out(1, "for r in range(P):")
+        out(2, "if w1[r] != 0.0:")
+        out(3, "for r2 in range(P):")
+        out(4, "if w2[r2] != 0.0:")
+        out(5, "skv += ck[r, r2] * cv[r, r2]")
+        terms = ([] if not tk else ["tk[r, r2] * cv[r, r2]"]) + \
+            ([] if not tv else ["ck[r, r2] * tv[r, r2]"])
+        if terms:
+            out(5, f"tkv += {' + '.join(terms)}")
+        out(1, f"dst = C{i}.reshape((P, P))")
+        out(1, f"dth = T{i}.reshape((P, P))")
+        tq = "tq[p, q] * skv + " if steps[qs].has_theta else ""
+        out(1, "for p in range(P):")
+        out(2, "for q in range(P):")
+        out(3, f"dst[p, q] = {sc} * cq[p, q] * skv")
+        out(3, f"dth[p, q] = {sc} * ({tq}cq[p, q] * tkv)")
+
+
 _cg.STEP_EMITTERS["layernorm"] = _LayerNormEmitter
+_cg.STEP_EMITTERS["gattention"] = _GaussianAttentionEmitter
 _cg.STEP_EMITTERS["attention"] = _AttentionEmitter
 
 
@@ -357,12 +475,18 @@ def _merge(x):
 
 def _attention_parts(net, node: Attention, env):
     """Per head h (channels h n/H .. (h+1) n/H - 1 of queries, keys and values):
-    A_h = mech(scale Q_h K_h^T / (n / H)).  In the limit every head has the same A."""
+    A_h = mech(scale Q_h K_h^T / (n / H)) (``linear_scaling``; in the limit every head has the
+    same A), or mech(scale Q_h K_h^T / sqrt(n / H)) (Gaussian logits, a different A per head)."""
     H = node.heads
     V, K, Q = (_split(env[a], H) for a in (node.values, node.keys, node.queries))
     scale = _finite._number(node.scale, net._binding, f"scale of {node.label()}")
     m = K.shape[-1]
+    m = m if node.linear_scaling else np.sqrt(m)      # logits q.k / m or q.k / sqrt(m)
     L = scale * (Q @ np.swapaxes(K, 2, 3)) / m
+    keep = env.get(_finite._NODE_MASK)          # token mask (N, T): padded keys get weight 0
+    if keep is not None:
+        keep = keep[:, None, None, :]
+        L = np.where(keep, L, -np.inf) if node.mechanism == "softmax" else L * keep
     A = _softmax(L) if node.mechanism == "softmax" else L
     return V, K, Q, scale, m, A
 
@@ -383,7 +507,11 @@ def _bwd_attention(net, node: Attention, G, env, tape):
     dV = _merge(np.swapaxes(A, 2, 3) @ Gh)
     tape.add(node.values, dV + G if node.skip else dV)
     dA = Gh @ np.swapaxes(V, 2, 3)
-    dL = A * (dA - (dA * A).sum(axis=-1, keepdims=True)) if node.mechanism == "softmax" else dA
+    if node.mechanism == "softmax":
+        dL = A * (dA - (dA * A).sum(axis=-1, keepdims=True))   # 0 on padded keys (A = 0)
+    else:
+        keep = env.get(_finite._NODE_MASK)
+        dL = dA if keep is None else dA * keep[:, None, None, :]
     tape.add(node.queries, _merge(scale * (dL @ K) / m))
     tape.add(node.keys, _merge(scale * (np.swapaxes(dL, 2, 3) @ Q) / m))
 
@@ -407,6 +535,7 @@ def _bwd_layernorm(net, node: LayerNorm, G, env, tape):
     tape.add(node.vector, g)
 
 
+_finite.TOKEN_MASKED.add(Attention)
 _finite._FORWARD[Attention] = _fwd_attention
 _finite._BACKWARD[Attention] = _bwd_attention
 _finite._FORWARD[LayerNorm] = _fwd_layernorm
@@ -458,7 +587,7 @@ def transformer(depth: int, activation="relu", sigma_u2=1, sigma_w2=1, sigma_v2=
 def nt_attention_network(mechanism: str = "softmax", activation="relu", W_std=1.0,
                          b_std=None, W_key_std=1.0, W_query_std=1.0, W_value_std=1.0,
                          W_out_std=1.0, attention_b_std=None, input_dim=None,
-                         width=WIDTH, n_heads: int = 1) -> Program:
+                         width=WIDTH, n_heads: int = 1, linear_scaling: bool = True) -> Program:
     r"""Neural Tangents' ``serial(Dense(n, W_std, b_std), GlobalSelfAttention(n, n, n, heads,
     linear_scaling=True, W_key_std, W_value_std, W_query_std, W_out_std, b_std=attention_b_std,
     attention_mechanism), activation, GlobalAvgPool(), Dense(1, W_std, b_std))`` over tokens, NTK
@@ -470,6 +599,12 @@ def nt_attention_network(mechanism: str = "softmax", activation="relu", W_std=1.
     ``n_heads`` splits keys, queries and values into heads of n / n_heads channels each (NT's
     ``n_chan_key = n_chan_val = n / n_heads``); the kernel does not depend on it (every head has
     the same limit), the finite network does.
+
+    ``linear_scaling=False``: NT's standard attention, logits :math:`q_t\cdot k_s/\sqrt n` with
+    queries :math:`W_Q h` from a weight of their own (variance W_query_std^2); the logits are
+    Gaussian in the limit (Hron et al. 2020), only the identity mechanism has a closed form, and
+    the query and key weights contribute to the NTK.  The limit is that of infinitely many heads
+    as well: a finite network needs many heads (``n_heads``) to approach it.
     """
     from .builders import D_IN
     var = lambda s, what: _variance(sp.sympify(s) ** 2, what)    # noqa: E731
@@ -483,16 +618,23 @@ def nt_attention_network(mechanism: str = "softmax", activation="relu", W_std=1.
     WO = Weight("W_O", fan_out=width, fan_in=width, variance=var(W_out_std, "W_out_std"))
     keys = Conv(WK, h, (1,), name="keys")
     vals = Conv(WV, h, (1,), name="values")
-    att = Attention(vals, keys, mechanism=mechanism,
-                    scale=sp.sympify(W_query_std) / sp.sympify(W_key_std), name="attn",
-                    heads=n_heads)
+    if linear_scaling:
+        att = Attention(vals, keys, mechanism=mechanism,
+                        scale=sp.sympify(W_query_std) / sp.sympify(W_key_std), name="attn",
+                        heads=n_heads)
+    else:
+        WQ = Weight("W_Q", fan_out=width, fan_in=width,
+                    variance=var(W_query_std, "W_query_std"))
+        att = Attention(vals, keys, Conv(WQ, h, (1,), name="queries"), mechanism=mechanism,
+                        name="attn", heads=n_heads, linear_scaling=False)
     o = Conv(WO, att, (1,), name="attn_out")
     if attention_b_std is not None:
         o = o + Bias("b_attn", dim=width, variance=var(attention_b_std, "attention_b_std"))
     a = nonlin(activation, o, name="act")
     v = Weight("v", fan_out=1, fan_in=width, variance=var(W_std, "W_std"))
     b = OutputBias("b_out", var(b_std, "b_std")) if b_std is not None else None
-    return Program(Readout(v, Pool(a, "mean", name="gap"), b), name=f"nt_attention_{mechanism}")
+    return Program(Readout(v, Pool(a, "mean", name="gap"), b),
+                   name=f"nt_attention_{mechanism}" + ("" if linear_scaling else "_sqrt"))
 
 
 # ============================================================================ NumPy reference

@@ -339,6 +339,10 @@ def _fwd_avgpool(net, node: AvgPool, env, n):
     return P.sum(axis=-2) / node.filter_size
 
 
+#: Node types that read a token mask themselves (input mapping ``{name: X, 'mask': m}``), so
+#: ``empirical_ntk(mask1=...)`` passes the padded batch whole (filled by symntk.attention).
+TOKEN_MASKED: set = set()
+
 #: Keys of the graph data in a batch's environment (from the input mapping, see _check_inputs).
 _ADJACENCY, _NODE_MASK = ("graph", "adjacency"), ("graph", "mask")
 
@@ -854,7 +858,7 @@ class FiniteNetwork:
     # -- evaluation ------------------------------------------------------------------------
     def _check_inputs(self, X) -> tuple[dict, int]:
         inputs = self.program.inputs
-        graph = None
+        graph = tokens = None
         if any(isinstance(node, Aggregate) for node in self.program.nodes):
             # a graph network: the input mapping also holds the adjacency (N, P, P) and
             # optionally a node mask (N, P) (symntk.graphs.graph_inputs)
@@ -864,6 +868,9 @@ class FiniteNetwork:
                                  "(symntk.graphs.graph_inputs)")
             X = dict(X)
             graph = (X.pop("adjacency"), X.pop("mask", None))
+        elif isinstance(X, Mapping) and "mask" in X:
+            X = dict(X)
+            tokens = X.pop("mask")
         if not isinstance(X, Mapping):
             if len(inputs) != 1:
                 raise ValueError(f"the program has {len(inputs)} inputs {[i.name for i in inputs]}; "
@@ -905,7 +912,32 @@ class FiniteNetwork:
             env[_ADJACENCY] = check_adjacency(graph[0], n, P)
             if graph[1] is not None:
                 env[_NODE_MASK] = node_mask(graph[1], n, P)
+        if tokens is not None:
+            self._token_mask(env, inputs, tokens, n)
         return env, n
+
+    def _token_mask(self, env, inputs, mask, n):
+        """A token mask (N, T) of a padded batch (input mapping ``{name: X, 'mask': m}``):
+        attention excludes padded keys, sum/mean pooling padded tokens; padded tokens are filled
+        with the sequence's first token so every value stays finite (no real token reads them)."""
+        from .masks import token_mask
+        if len(inputs) != 1 or inputs[0].positions is None or env[inputs[0]].ndim != 3:
+            raise ValueError("a token 'mask' goes with one sequence input (N, T, d)")
+        bad = [node.label() for node in self.program.nodes
+               if isinstance(node, Pool) and node.how not in ("sum", "mean")
+               or isinstance(node, Scan)
+               or isinstance(node, (Conv, AvgPool)) and set(node.filter_shape) != {1}]
+        if bad:
+            raise ValueError(f"a token mask needs sum/mean pooling and no step reading "
+                             f"neighbouring tokens; {bad} would read the padding")
+        x = env[inputs[0]]
+        m = token_mask(mask, n, x.shape[1])
+        if not m.all():
+            x = x.copy()
+            for i in np.flatnonzero(~m.all(axis=1)):
+                x[i, ~m[i]] = x[i, int(np.argmax(m[i]))]
+            env[inputs[0]] = x
+        env[_NODE_MASK] = m
 
     @property
     def _in_scan(self) -> frozenset:
@@ -1276,6 +1308,14 @@ def empirical_ntk(program, X1, X2=None, width=None, seed=0, parametrization=None
         net = sample(program, width, seed, parametrization, _infer_input_dim(program, X1), values)
     if mask1 is None and mask2 is None:
         return net.ntk(X1, X2, method=method, parametrization=parametrization)
+    if any(type(node) in TOKEN_MASKED for node in net.program.nodes):
+        # the network reads the masks itself (any 0/1 pattern, X1 and X2 of mixed lengths)
+        name = net.program.inputs[0].name
+        A = X1 if mask1 is None else {name: X1, "mask": mask1}
+        B = X2 if mask2 is None else {name: X2, "mask": mask2}
+        if X2 is None and mask2 is not None:
+            raise ValueError("mask2 given without X2")
+        return net.ntk(A, B, method=method, parametrization=parametrization)
     from .masks import masked_gram, masked_outputs
     from .result import KernelResult
 

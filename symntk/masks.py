@@ -8,6 +8,11 @@ for the last state) nor in the recurrence (a Scan stops at L_i).  Since the recu
 positions (TP2 Eq. 14) already runs over the real lengths (T and Tbar may differ), the masked Gram
 matrix is assembled from blocks of sequences of equal lengths, each computed with its padding cut
 off: exact, not an approximation of padding by zeros.
+
+Programs run by the pixel-pair engine with attention (:mod:`symntk.attention`) read the mask
+inside the compiled kernel instead (:func:`prepare_tokens`): a padded token is excluded as a key
+from every attention (weight 0, the softmax normalised over the real tokens) and from the pooling,
+so the mask may be any 0/1 pattern and X1, X2 may hold sequences of different lengths.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import numpy as np
 
 from .result import KernelResult
 
-__all__ = ["sequence_lengths", "masked_gram", "masked_outputs"]
+__all__ = ["sequence_lengths", "masked_gram", "masked_outputs", "token_mask", "prepare_tokens"]
 
 
 def sequence_lengths(mask, X, name: str = "mask") -> np.ndarray:
@@ -90,3 +95,42 @@ def masked_outputs(f: Callable, X, mask) -> np.ndarray:
         idx = np.flatnonzero(lengths == L)
         out[idx] = f(X[idx, :L])
     return out
+
+
+def token_mask(mask, N: int, T: int, name: str = "mask") -> np.ndarray:
+    """The (N, T) boolean token mask (all True for None); a clear error for a mask of the wrong
+    shape, values other than 0/1, or a sequence without tokens.  Padding may sit anywhere."""
+    if mask is None:
+        return np.ones((N, T), dtype=bool)
+    m = np.asarray(mask)
+    if m.shape != (N, T):
+        raise ValueError(f"{name} must have shape (N, T) = {(N, T)} to match the sequences "
+                         f"({N} sequences of {T} tokens), got shape {m.shape}")
+    if m.dtype != bool:
+        if m.dtype.kind not in "biuf" or not np.all((m == 0) | (m == 1)):
+            raise ValueError(f"{name} must hold 0/1 (or booleans): 1 for a token, 0 for padding")
+        m = m.astype(bool)
+    empty = ~m.any(axis=1)
+    if empty.any():
+        raise ValueError(f"{name} row {int(np.argmax(empty))} has no tokens")
+    return m
+
+
+def prepare_tokens(X, mask, name: str = "mask", pointwise: bool = True):
+    """For a compiled kernel that reads masks itself: (X with every padded token replaced by the
+    sequence's first real token, the token weights (N, T) as floats).  ``X`` is (N, T, 1, d).
+    The copy keeps every intermediate value of a padded position finite (a zero token would give
+    LayerNorm 0/0); no real position reads it, since attention and pooling weight it by 0."""
+    N, T = X.shape[0], X.shape[1] * X.shape[2]
+    m = token_mask(mask, N, T, name)
+    padded = ~m.all(axis=1)
+    if padded.any():
+        if not pointwise:
+            raise ValueError(f"{name}: padded tokens are exact only in programs whose every Conv "
+                             "and AvgPool reads one position (filter 1); a wider window would "
+                             "read the padding")
+        X = X.copy()
+        for n in np.flatnonzero(padded):
+            flat = X[n].reshape(T, -1)
+            flat[~m[n]] = flat[int(np.argmax(m[n]))]
+    return np.ascontiguousarray(X), m.astype(np.float64)

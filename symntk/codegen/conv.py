@@ -36,7 +36,9 @@ CODEGEN_VERSION = "c2"
 #: printer)`` (writes the step's lines of ``body``; ``same`` is True on an image's pass with
 #: itself, when the step fills its per-image table ``ha{i}``, read back as ``hb{i}`` for the
 #: second image), ``scratch`` (extra per-thread arrays ``<name>{i}``, shaped like C) and
-#: ``width`` (table columns; None: one per position).
+#: ``width`` (table columns; None: one per position); optionally ``masked = True``: the step reads
+#: the per-position weights ``w1``/``w2`` (1 on a real position, 0 on padding), so the kernel
+#: takes ``mask1``/``mask2``.
 STEP_EMITTERS: dict = {}
 
 _WINDOWS = '''
@@ -225,6 +227,10 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     mixes = [i for i, s in enumerate(steps) if s.kind == "mix"]
     if mixes and not full:
         raise NotImplementedError("a fixed map over positions needs all position pairs")
+    # per-position weights w1/w2 (1 on a real position, 0 on padding): read by the pooling and
+    # by the steps whose emitter says ``masked`` (attention excludes padded keys)
+    weighted = bool(mixes) or any(getattr(STEP_EMITTERS.get(s.kind), "masked", False)
+                                  for s in steps)
     # steps with per-image tables (written by the image's pass with itself)
     phis = [i for i, s in enumerate(steps) if s.kind == "phi" or s.kind in STEP_EMITTERS]
     hoisted = {}
@@ -275,7 +281,7 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
             out(depth, f"{name} = np.empty({shape_of(name, i)})")
 
     # ------------------------------------------------------------------ body
-    graphs = ["g1", "g2", "w1", "w2"] if mixes else []
+    graphs = (["g1", "g2"] if mixes else []) + (["w1", "w2"] if weighted else [])
     args = ["x1", "x2", "same", "theta", "dims"] + graphs + tables_a + tables_b + scratch + ["res"]
     out(0, "")
     out(0, "@njit(cache=CACHE, error_model='numpy')")
@@ -448,8 +454,9 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
                 out(3, "if a != 0.0:")
                 out(4, "for p in range(P):")
                 out(5, "xd[p, q] += mt[p, t] * a")
-        elif s.kind == "pool" and mixes:
-            # a graph program: pool over the real nodes only (w = 1 on nodes, 0 on padding)
+        elif s.kind == "pool" and weighted:
+            # a graph or masked program: pool over the real positions only (w = 1 on a node or
+            # token, 0 on padding)
             src = s.reads[0]
             out(1, f"Pp = dims[{src}, 0] * dims[{src}, 1]")
             out(1, f"cs = C{src}.reshape(Pp, Pp)")
@@ -515,13 +522,14 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     out(1, "return 0")
 
     call = ", ".join(["{x1}", "{x2}", "{same}", "theta", "dims"] +
-                     (["{g1}", "{g2}", "{w1}", "{w2}"] if mixes else []) +
+                     (["{g1}", "{g2}"] if mixes else []) +
+                     (["{w1}", "{w2}"] if weighted else []) +
                      [f"ha{i}[{{a}}]" for i in phis] + [f"{{hb}}{i}[{{b}}]" for i in phis] +
                      scratch + ["res"])
     # ------------------------------------------------------------------ selfpass
     out(0, "")
     out(0, "@njit(cache=CACHE, parallel=True, error_model='numpy')")
-    graph_args = ["G", "NW"] if mixes else []          # matrices and node weights per example
+    graph_args = (["G"] if mixes else []) + (["NW"] if weighted else [])   # per example
     out(0, f"def selfpass(X, theta, dims, {', '.join(graph_args + tables_a + ['out'])}):")
     out(1, "for a in prange(X.shape[0]):")
     alloc(2)
@@ -533,7 +541,7 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     out(2, "out[1, a] = res[1]")
     out(1, "return 0")
     # ------------------------------------------------------------------ pairs
-    pair_graph_args = ["G1", "G2", "NW1", "NW2"] if mixes else []
+    pair_graph_args = (["G1", "G2"] if mixes else []) + (["NW1", "NW2"] if weighted else [])
     out(0, "")
     out(0, "@njit(cache=CACHE, parallel=True, error_model='numpy')")
     out(0, f"def pairs(X1, X2, theta, dims, symmetric, "
@@ -551,7 +559,7 @@ def _source(d: ConvDerivation, params: list) -> tuple[str, dict]:
     out(1, "return 0")
     meta = {"phis": phis, "widths": {i: (len(hoisted[i][2]) if i in hoisted else
                                           STEP_EMITTERS[steps[i].kind].width) for i in phis},
-            "mixes": mixes}
+            "mixes": mixes, "weighted": weighted}
     return "\n".join(out.lines) + "\n", meta
 
 
@@ -643,6 +651,11 @@ class ConvKernel:
         """True if the program has a fixed map over positions (it needs adjacency matrices)."""
         return bool(self.meta["mixes"])
 
+    @property
+    def takes_masks(self) -> bool:
+        """True if the compiled kernel reads per-position masks itself (graphs, attention)."""
+        return bool(self.meta.get("weighted"))
+
     def _graphs(self, A, mask, X, side: str):
         """(X with padded nodes filled, the normalised matrix of every mix step (N, n_mix, P, P),
         node weights (N, P)), or (X, None, None) for a program without mix steps."""
@@ -650,6 +663,14 @@ class ConvKernel:
         if not self.takes_graphs:
             if A is not None:
                 raise ValueError(f"adjacency{side} given but the program has no Aggregate step")
+            if self.takes_masks:
+                from ..masks import prepare_tokens
+                if mask is not None and \
+                        self.derivation.steps[self.derivation.pooled].how == "flatten":
+                    raise ValueError("token masks need a 'sum' or 'mean' pooling readout, not "
+                                     "'flatten'")
+                X, W = prepare_tokens(X, mask, f"mask{side}", self._pointwise())
+                return X, None, W
             if mask is not None:
                 raise ValueError(f"mask{side} given to a convolutional kernel without Aggregate "
                                  "steps: use symntk.kernel(..., mask1=...) for sequences")
@@ -676,7 +697,7 @@ class ConvKernel:
             raise ValueError("adjacency2 or mask2 given without X2")
         X1, G1, W1 = self._graphs(adjacency1, mask1, X1, "1")
         X2, G2, W2 = (X1, G1, W1) if symmetric else self._graphs(adjacency2, mask2, X2, "2")
-        graphs = [] if G1 is None else [G1, W1]
+        graphs = ([] if G1 is None else [G1]) + ([] if W1 is None else [W1])
         if X2.shape[1:] != X1.shape[1:]:
             raise ValueError(f"X1 has images of shape {X1.shape[1:]} but X2 of {X2.shape[1:]}")
         theta = self._theta(params, X1.shape[-1])
@@ -691,10 +712,12 @@ class ConvKernel:
             tab2 = tab1
         else:
             tab2 = self._tables(X2.shape[0], dims)
-            m.selfpass(X2, theta, dims, *([] if G2 is None else [G2, W2]), *tab2,
+            m.selfpass(X2, theta, dims, *([] if G2 is None else [G2]),
+                       *([] if W2 is None else [W2]), *tab2,
                        np.zeros((2, X2.shape[0])))
         out = np.zeros((2, X1.shape[0], X2.shape[0]))
-        m.pairs(X1, X2, theta, dims, symmetric, *([] if G1 is None else [G1, G2, W1, W2]), *tab1,
+        m.pairs(X1, X2, theta, dims, symmetric, *([] if G1 is None else [G1, G2]),
+                *([] if W1 is None else [W1, W2]), *tab1,
                 *tab2,
                 out)
         if symmetric:
