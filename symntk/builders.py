@@ -28,11 +28,22 @@ def _number(value, what: str) -> sp.Expr:
     return _expr(value, what)
 
 
+def _exact(value) -> sp.Expr:
+    """A number made exact: a rational or the square root of one where the float is one
+    (1.4 -> 7/5, 2 ** 0.5 -> sqrt(2)), else the float's own rational value.  (``nsimplify``
+    alone finds radicals such as 2**(203/381)*3**(181/381) for an arbitrary float, whose
+    integer powers later overflow a float.)"""
+    e = sp.nsimplify(value)
+    if not e.is_number or e.is_Rational or (e ** 2).is_Rational:
+        return e
+    return sp.nsimplify(value, rational=True)
+
+
 def _std(std, what: str) -> sp.Expr:
     """A standard deviation sigma: finite, real and non-negative (a number or a SymPy expression
     not known to be otherwise), made exact where it is a number (1.4 -> 7/5)."""
     _number(std, what)
-    return sp.nsimplify(_check_variance(std, what))
+    return _exact(_check_variance(std, what))
 
 
 def _variance(std, what: str):
@@ -47,7 +58,7 @@ def _scale(value, what: str) -> sp.Expr:
         raise ProgramError(f"{what} must be finite, got {value!r}")
     if expr.is_extended_real is False:
         raise ProgramError(f"{what} must be real, got {value!r}")
-    return sp.nsimplify(expr)
+    return _exact(expr)
 
 
 def _check_depth(depth):

@@ -243,3 +243,15 @@ def test_zero_input_without_bias_takes_the_limit_in_both_numeric_paths():
     E, K = d.gram(X), d.compile()(X)
     assert np.all(np.isfinite(K.ntk)) and K.ntk[0, 0] == 0.0 and E.ntk[0, 0] == 0.0
     np.testing.assert_allclose(E.ntk, K.ntk, rtol=1e-14, atol=1e-300)
+
+
+def test_float_weight_std_is_made_exact_without_radicals():
+    """nsimplify alone turns 1.5871849111603005 into 7*2**(3/403)*3**(69/806)*..., whose
+    integer powers overflow a float in the evaluator; the builders keep the float's rational."""
+    sw = 1.5871849111603005
+    p = mlp(3, "erf", weight_std=sw, bias_std=0.1, input_dim=3)
+    variances = {w.variance for w in p.weights}
+    assert all(v.is_Rational for v in variances)
+    assert any(abs(float(v) - sw ** 2) < 1e-14 for v in variances)
+    r = derive(p).gram(X_PAIR)
+    assert np.all(np.isfinite(r.ntk))
