@@ -8,8 +8,9 @@
    diagonal from ``derivation.diagonal``;
 2. the input kernel x.x' is computed by BLAS *into the NTK output*, in fixed 256 x 256 tiles (so
    that a block of the matrix computed alone rounds exactly as the whole; on one BLAS thread:
-   OpenBLAS's idle workers would spin against Numba's threads); ``pairs`` (row groups on a thread pool,
-   vectorised over chunks of columns) reads each entry and overwrites it with the kernel.  The working memory beyond
+   OpenBLAS's idle workers would spin against the compute threads); ``pairs`` (row groups on a
+   pool of threads, :func:`run_groups`; vectorised over chunks of columns) reads each entry and
+   overwrites it with the kernel.  The working memory beyond
    the output matrices is the per-input tables, O((N1 + N2) x table width), and a few hundred
    bytes of scratch per thread: never an (N1, N2, n_symbols) array, and no staging buffer.
    Rows can be processed in blocks (``block_rows``); memory does not depend on it, and one
