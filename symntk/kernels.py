@@ -8,9 +8,8 @@
    diagonal from ``derivation.diagonal``;
 2. the input kernel x.x' is computed by BLAS *into the NTK output*, in fixed 256 x 256 tiles (so
    that a block of the matrix computed alone rounds exactly as the whole; on one BLAS thread:
-   OpenBLAS's idle workers would spin against the compute threads); ``pairs`` (row groups on a
-   pool of threads, :func:`run_groups`; vectorised over chunks of columns) reads each entry and
-   overwrites it with the kernel.  The working memory beyond
+   OpenBLAS's idle workers would spin against Numba's threads); ``pairs`` (a ``prange`` over rows,
+   vectorised over chunks of columns) reads each entry and overwrites it with the kernel.  The working memory beyond
    the output matrices is the per-input tables, O((N1 + N2) x table width), and a few hundred
    bytes of scratch per thread: never an (N1, N2, n_symbols) array, and no staging buffer.
    Rows can be processed in blocks (``block_rows``); memory does not depend on it, and one
@@ -47,7 +46,6 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -230,9 +228,8 @@ class CompiledKernel:
             squared_distances(X1, X2, out=nngp, dots=ntk)
         for r0 in range(0, n1, rows):
             r1 = min(n1, r0 + rows)
-            args = (t1.T, T2, theta, *self._rules, nngp, ntk, tarr, bool(terms), r0, r1, sym,
-                    1.0 / X1.shape[1], bad, groups, *_mehler_args(t1, t2))
-            run_groups(self.module.pairs, args, min(groups, r1 - r0))
+            self.module.pairs(t1.T, T2, theta, *self._rules, nngp, ntk, tarr, bool(terms), r0,
+                              r1, sym, 1.0 / X1.shape[1], bad, groups, *_mehler_args(t1, t2))
         term_arrays = {}
         if terms:
             term_arrays = {name: tarr[k] for k, name in enumerate(g.term_names)}
@@ -303,35 +300,8 @@ class CompiledKernel:
             nngp = squared_distances(X, X)
         self.module.pairs(T, np.ascontiguousarray(T.T), theta, *self._rules, nngp, ntk, tarr,
                           False, 0, n, True, 1.0, np.zeros(n, dtype=np.int64), 2,
-                          *_mehler_args(t, t), 0, 1)
+                          *_mehler_args(t, t))
         _mirror(ntk)
-
-
-_POOL: dict = {}
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``workers`` threads (made on first use, kept)."""
-    with _POOL_LOCK:
-        pool = _POOL.get(workers)
-        if pool is None:
-            pool = _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="symntk")
-        return pool
-
-
-def run_groups(fn, args: tuple, groups: int):
-    """Run a generated ``pairs(*args, g0, gstep)`` on ``numba.get_num_threads()`` threads:
-    thread t does the row groups t, t + threads, ...  The generated function is serial and
-    ``nogil``, so the threads run it in parallel; a ``parallel=True`` function (Numba's parfor
-    lowering) cost 2-4 s more to compile for every new architecture than this pool."""
-    workers = max(1, min(numba.get_num_threads(), int(groups)))
-    if workers == 1:
-        fn(*args, 0, 1)
-        return
-    futures = [_pool(workers).submit(fn, *args, t, workers) for t in range(workers)]
-    for f in futures:
-        f.result()
 
 
 @functools.lru_cache(maxsize=None)

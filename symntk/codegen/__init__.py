@@ -11,10 +11,7 @@ nothing calls back up.
     ``derivation.diagonal`` system, whose NNGP/NTK are the exact k(x, x) (no
     ``sqrt(q q' - K^2)`` cancellation).
 ``pairs(T1, T2, ...)``
-    rows computing only the mixed symbols (copies 0 and 1) and the outputs; serial and
-    ``nogil``: the driver deals row groups to a pool of threads
-    (:func:`symntk.kernels.run_groups`), which costs seconds less to compile per architecture
-    than Numba's ``parallel=True`` parfor lowering.
+    a ``prange`` over rows computing only the mixed symbols (copies 0 and 1) and the outputs.
     Columns go in chunks of :data:`CHUNK`: every straight segment and every loop body is an
     innermost loop over the chunk, which LLVM vectorises (``acos``/``asin`` are polynomials in
     the module, not libm calls: NumPy's SIMD ``arccos`` would otherwise be ~9x faster per
