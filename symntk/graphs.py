@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
+from .masks import position_mask
 from .program import (AGGREGATIONS, Aggregate, Bias, Conv, Input, Pool, Program, ProgramError,
                       Weight, WIDTH, nonlin)
 
@@ -44,22 +45,10 @@ ADJACENCY = "adjacency"
 
 
 def node_mask(mask, N: int, P: int, name: str = "mask") -> np.ndarray:
-    """The (N, P) boolean node mask (all True for None); a clear error for a mask of the wrong
-    shape, values other than 0/1, or a graph without nodes."""
-    if mask is None:
-        return np.ones((N, P), dtype=bool)
-    m = np.asarray(mask)
-    if m.shape != (N, P):
-        raise ValueError(f"{name} must have shape (N, P) = {(N, P)} to match the graphs "
-                         f"(N graphs of P nodes), got shape {m.shape}")
-    if m.dtype != bool:
-        if m.dtype.kind not in "biuf" or not np.all((m == 0) | (m == 1)):
-            raise ValueError(f"{name} must hold 0/1 (or booleans): 1 for a node, 0 for padding")
-        m = m.astype(bool)
-    empty = ~m.any(axis=1)
-    if empty.any():
-        raise ValueError(f"{name} row {int(np.argmax(empty))} has no nodes")
-    return m
+    """The (N, P) boolean node mask (all True for None): :func:`symntk.masks.position_mask` over
+    the nodes of N graphs."""
+    return position_mask(mask, N, P, name, unit="node", axis="P",
+                         batch="graphs (N graphs of P nodes)")
 
 
 def check_adjacency(A, N: int, P: int, name: str = "adjacency") -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .result import KernelResult
 
-__all__ = ["sequence_lengths", "masked_gram", "masked_outputs", "token_mask", "prepare_tokens"]
+__all__ = ["sequence_lengths", "masked_gram", "masked_outputs", "token_mask", "position_mask", "prepare_tokens"]
 
 
 def sequence_lengths(mask, X, name: str = "mask") -> np.ndarray:
@@ -36,10 +36,7 @@ def sequence_lengths(mask, X, name: str = "mask") -> np.ndarray:
     if m.shape != X.shape[:2]:
         raise ValueError(f"{name} must have shape (N, T) = {X.shape[:2]} to match the sequences "
                          f"of shape {X.shape}, got shape {m.shape}")
-    if m.dtype != bool:
-        if m.dtype.kind not in "biuf" or not np.all((m == 0) | (m == 1)):
-            raise ValueError(f"{name} must hold 0/1 (or booleans): 1 for a token, 0 for padding")
-        m = m.astype(bool)
+    m = _as_boolean(m, name, "token")
     lengths = m.sum(axis=1)
     if np.any(lengths == 0):
         raise ValueError(f"{name} row {int(np.argmax(lengths == 0))} has no tokens")
@@ -97,23 +94,38 @@ def masked_outputs(f: Callable, X, mask) -> np.ndarray:
     return out
 
 
-def token_mask(mask, N: int, T: int, name: str = "mask") -> np.ndarray:
-    """The (N, T) boolean token mask (all True for None); a clear error for a mask of the wrong
-    shape, values other than 0/1, or a sequence without tokens.  Padding may sit anywhere."""
+def _as_boolean(m: np.ndarray, name: str, unit: str) -> np.ndarray:
+    """A 0/1 (or boolean) mask as booleans; a clear error for any other value."""
+    if m.dtype == bool:
+        return m
+    if m.dtype.kind not in "biuf" or not np.all((m == 0) | (m == 1)):
+        raise ValueError(f"{name} must hold 0/1 (or booleans): 1 for a {unit}, 0 for padding")
+    return m.astype(bool)
+
+
+def position_mask(mask, N: int, P: int, name: str = "mask", unit: str = "token",
+                  axis: str = "T", batch: str | None = None) -> np.ndarray:
+    """The (N, P) boolean mask over the positions (``unit``: token, node) of N examples, all True
+    for None; a clear error for a mask of the wrong shape, values other than 0/1, or an example
+    without positions.  Padding may sit anywhere.  ``batch`` describes the examples in the shape
+    error (default: "({N} sequences of {P} tokens)")."""
     if mask is None:
-        return np.ones((N, T), dtype=bool)
+        return np.ones((N, P), dtype=bool)
     m = np.asarray(mask)
-    if m.shape != (N, T):
-        raise ValueError(f"{name} must have shape (N, T) = {(N, T)} to match the sequences "
-                         f"({N} sequences of {T} tokens), got shape {m.shape}")
-    if m.dtype != bool:
-        if m.dtype.kind not in "biuf" or not np.all((m == 0) | (m == 1)):
-            raise ValueError(f"{name} must hold 0/1 (or booleans): 1 for a token, 0 for padding")
-        m = m.astype(bool)
+    if m.shape != (N, P):
+        batch = batch or f"sequences ({N} sequences of {P} {unit}s)"
+        raise ValueError(f"{name} must have shape (N, {axis}) = {(N, P)} to match the {batch}, "
+                         f"got shape {m.shape}")
+    m = _as_boolean(m, name, unit)
     empty = ~m.any(axis=1)
     if empty.any():
-        raise ValueError(f"{name} row {int(np.argmax(empty))} has no tokens")
+        raise ValueError(f"{name} row {int(np.argmax(empty))} has no {unit}s")
     return m
+
+
+def token_mask(mask, N: int, T: int, name: str = "mask") -> np.ndarray:
+    """The (N, T) boolean token mask (all True for None): :func:`position_mask` over tokens."""
+    return position_mask(mask, N, T, name)
 
 
 def prepare_tokens(X, mask, name: str = "mask", pointwise: bool = True):
